@@ -1,0 +1,323 @@
+"""The `rkel` command line (Typer). Parses options, calls `lifecycle.runner`, renders, exits.
+
+Exit codes: 0 success; 1 unexpected error; 2 invalid cluster.yml; 3 the change cannot be planned
+safely (quorum, version, stale saved plan); 4 state problem (locked, interrupted run, damaged
+database); 5 invalid state transition; 6 a host could not be reached or refused; 7 the run
+finished with failed steps; 130 interrupted by Ctrl-C (the run stays resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lifecycle import __version__
+from lifecycle.cli import render
+from lifecycle.config import load_config
+from lifecycle.errors import ConfigError, RkelError
+from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
+from lifecycle.machines import TABLES, mermaid
+from lifecycle.plan import Plan
+from lifecycle import runner
+
+app = typer.Typer(
+    name="rkel",
+    help="Kubernetes cluster lifecycle from an RKE cluster.yml: plan, apply, resume, roll back.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # never print locals: they hold private keys
+    add_completion=False,
+)
+config_app = typer.Typer(help="Work with cluster.yml.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+class Output(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class BackendKind(str, Enum):
+    ssh = "ssh"
+    simulated = "simulated"
+
+
+@dataclass
+class Globals:
+    config: Path
+    state: Path | None
+    output: Output
+
+    def store(self) -> Any:
+        return runner.open_store(self.state, self.config)
+
+
+def _g(ctx: typer.Context) -> Globals:
+    return ctx.obj  # type: ignore[no-any-return]
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The RKE-format cluster.yml.")
+    ] = Path("cluster.yml"),
+    state: Annotated[
+        Optional[Path],
+        typer.Option(help="State database (default: <config stem>.rkel.db beside the config)."),
+    ] = None,
+    output: Annotated[Output, typer.Option("--output", "-o", help="text or json.")] = Output.text,
+) -> None:
+    ctx.obj = Globals(config, state, output)
+
+
+def _emit(g: Globals, text: str, data: Any) -> None:
+    if g.output is Output.json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        typer.echo(text)
+
+
+def _fail(g: Globals, exc: RkelError) -> typer.Exit:
+    if g.output is Output.json:
+        data: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, ConfigError):
+            data["issues"] = [vars(i) for i in exc.issues]
+        typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _world_path(g: Globals) -> Path:
+    store_path = g.state or runner.default_state_path(g.config)
+    return store_path.with_name(store_path.name.replace(".db", "") + ".world.json")
+
+
+def _backend(g: Globals, kind: BackendKind) -> Any:
+    if kind is BackendKind.simulated:
+        return SimWorld.load(_world_path(g)).backend()
+    raise RkelError(
+        "the SSH + Docker backend is not part of this build yet; use `--backend simulated` to "
+        "drive a simulated cluster, or `rkel plan --simulate` to rehearse a change"
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+@app.command()
+def version(ctx: typer.Context) -> None:
+    """Print rkel's version."""
+    _emit(_g(ctx), f"rkel {__version__}", {"version": __version__})
+
+
+@config_app.command("validate")
+def config_validate(ctx: typer.Context) -> None:
+    """Check cluster.yml: prints OK, or every error found (not just the first)."""
+    g = _g(ctx)
+    try:
+        loaded = load_config(g.config)
+    except ConfigError as exc:
+        raise _fail(g, exc) from None
+    warnings = [str(w) for w in loaded.warnings]
+    text = "\n".join([f"warning: {w}" for w in warnings] + [f"OK: {g.config}"])
+    _emit(g, text, {"ok": True, "warnings": warnings, "nodes": len(loaded.config.nodes)})
+
+
+@app.command()
+def graph(
+    ctx: typer.Context,
+    kind: Annotated[Optional[str], typer.Argument(help="node or service (default: both).")] = None,
+) -> None:
+    """Print the node and service state machines as Mermaid diagrams."""
+    kinds = [kind] if kind else sorted(TABLES)
+    if any(k not in TABLES for k in kinds):
+        typer.echo(f"error: unknown machine {kind!r}; choose node or service", err=True)
+        raise typer.Exit(2)
+    _emit(_g(ctx), "\n\n".join(mermaid(k) for k in kinds), {k: mermaid(k) for k in kinds})
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    out: Annotated[Optional[Path], typer.Option(help="Save the plan to this file.")] = None,
+    simulate: Annotated[
+        bool, typer.Option(help="Also rehearse the plan on a simulated copy of the cluster.")
+    ] = False,
+) -> None:
+    """Show what apply would change, as a diff of current vs desired."""
+    g = _g(ctx)
+    try:
+        with g.store() as store:
+            planned = runner.make_plan(g.config, store)
+            warnings = [str(w) for w in planned.loaded.warnings]
+            text = render.plan_text(planned.plan, warnings)
+            data = render.plan_json(planned.plan, warnings)
+            if simulate and not planned.plan.empty:
+                rehearsal = runner.rehearse(store, planned.plan, SimulatedCerts())
+                text += "\n\n" + _rehearsal_text(rehearsal)
+                data["rehearsal"] = _rehearsal_data(rehearsal)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    if out is not None:
+        out.write_text(json.dumps(planned.plan.to_dict(), sort_keys=True, indent=1))
+        text += f"\n\nSaved the plan to {out}; apply it with `rkel apply {out}`."
+    _emit(g, text, data)
+
+
+def _rehearsal_text(r: runner.Rehearsal) -> str:
+    lines = [f"Rehearsal on a simulated copy: {len(r.order)} steps, about {r.seconds:.0f}s."]
+    most = r.world.max_unschedulable
+    if most:
+        lines.append(
+            "  most nodes unschedulable at once: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(most.items()))
+        )
+    if r.world.quorum_violations:
+        lines.append("  etcd quorum lost: " + "; ".join(r.world.quorum_violations))
+    return "\n".join(lines)
+
+
+def _rehearsal_data(r: runner.Rehearsal) -> dict[str, Any]:
+    return {
+        "steps": r.order,
+        "simulated_seconds": round(r.seconds, 2),
+        "max_unschedulable": r.world.max_unschedulable,
+        "quorum_violations": r.world.quorum_violations,
+    }
+
+
+@app.command()
+def apply(
+    ctx: typer.Context,
+    planfile: Annotated[
+        Optional[Path], typer.Argument(help="A plan saved by `rkel plan --out`.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    simulate: Annotated[
+        bool, typer.Option(help="Rehearse on a simulated copy; change nothing.")
+    ] = False,
+    backend: Annotated[
+        BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
+    ] = BackendKind.ssh,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Parallel host operations.")] = 8,
+) -> None:
+    """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
+    g = _g(ctx)
+    command = " ".join(["rkel", *sys.argv[1:]])
+    try:
+        with g.store() as store:
+            if resume:
+                the_plan = None
+            elif planfile is not None:
+                the_plan = _read_plan(planfile)
+            else:
+                planned = runner.make_plan(g.config, store)
+                for w in planned.loaded.warnings:
+                    typer.echo(f"warning: {w}", err=True)
+                the_plan = planned.plan
+            if simulate:
+                if the_plan is None:
+                    raise RkelError("--simulate rehearses a new plan; it cannot be combined with --resume")
+                rehearsal = runner.rehearse(store, the_plan, SimulatedCerts(), workers=workers)
+                _emit(g, render.plan_text(the_plan) + "\n\n" + _rehearsal_text(rehearsal),
+                      {"plan": the_plan.to_dict(), "rehearsal": _rehearsal_data(rehearsal)})
+                return
+            if the_plan is not None and the_plan.empty:
+                _emit(g, render.plan_text(the_plan), {"changed": False})
+                return
+            if the_plan is not None and not yes:
+                if g.output is Output.text:
+                    typer.echo(render.plan_text(the_plan))
+                if not sys.stdin.isatty():
+                    raise RkelError("not on a terminal: add --yes to apply without confirmation")
+                if not typer.confirm("Apply these changes?"):
+                    raise typer.Exit(1)
+            be = _backend(g, backend)
+            total = len(the_plan.groups) if the_plan else len(Plan.from_dict(store.unfinished_run().plan).groups) if store.unfinished_run() else 0
+            progress = render.Progress(total_groups=total) if g.output is Output.text else None
+            notices: list[str] = []
+            try:
+                result = runner.apply_plan(
+                    store, be, the_plan or Plan((), (), "", ""), SimulatedCerts(),
+                    command=command, resume=resume, workers=workers, observer=progress,
+                    notices=notices, desired=planned.desired if the_plan is not None and planfile is None else None,
+                )
+            finally:
+                be.close()
+            for n in notices:
+                typer.echo(f"notice: {n}", err=True)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the run is journaled; continue it with `rkel apply --resume`", err=True)
+        raise typer.Exit(130) from None
+    _emit(
+        g,
+        f"Apply complete: run {result.run_id}, {result.steps_done} step(s) done"
+        + (f", {result.steps_skipped} already done before" if result.steps_skipped else "") + ".",
+        {"run": result.run_id, "steps_done": result.steps_done, "steps_skipped": result.steps_skipped},
+    )
+
+
+def _read_plan(path: Path) -> Plan:
+    try:
+        return Plan.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RkelError(f"{path} is not a plan saved by `rkel plan --out` ({exc})") from exc
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """List every node and service with its state and image."""
+    g = _g(ctx)
+    try:
+        with g.store() as store:
+            nodes, services = store.nodes(), store.services()
+            runs = store.runs()
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    last = runs[0] if runs else None
+    _emit(
+        g,
+        render.status_text(nodes, services, last),
+        {
+            "nodes": [vars(n) for n in nodes],
+            "services": [{k: v for k, v in vars(s).items() if k != "spec"} for s in services],
+            "last_run": vars(last) if last else None,
+        },
+    )
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    run: Annotated[Optional[int], typer.Argument(help="Show this run's journal.")] = None,
+) -> None:
+    """List past runs, or one run's journal."""
+    g = _g(ctx)
+    try:
+        with g.store() as store:
+            if run is None:
+                runs = store.runs()
+                _emit(g, render.history_text(runs), [
+                    {k: v for k, v in vars(r).items() if k != "plan"} for r in runs
+                ])
+                return
+            row = store.run(run)
+            if row is None:
+                raise RkelError(f"there is no run {run}; `rkel history` lists them")
+            rows = store.journal(run)
+            _emit(g, render.journal_text(row, rows), [vars(r) for r in rows])
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,479 @@
+"""The desired-state compiler: ClusterConfig -> Desired, a pure function.
+
+For every node it computes the containers it should run (ServiceSpecs, in start order) and the
+certificates it needs (see `lifecycle.desired_certs`), following RKE v1.6 (cluster/plan.go and
+its metadata). Per-version images and default flags come from data (`lifecycle.versions`).
+
+Flag precedence per component, as RKE: built-in flags (computed here) < per-version defaults (an
+empty value deletes) < `extra_args` (an empty value deletes too) < `extra_args_array`
+(appended, one `--flag=value` per value). Flags render as `--flag=value`, sorted, so a spec and
+its hash are the same on every run. etcd's `--initial-cluster*` flags go to `bootstrap_args`,
+outside the hash, so a membership change does not restart existing members.
+
+Deliberate RKE v1.6 behaviours kept: binds carry no `:z` (RKE drops SELinux relabelling from
+Kubernetes 1.22 on); etcd listens on 0.0.0.0 when a node has no separate internal address (a
+DNATed public address cannot be bound); enable_cri_dockerd defaults to true. Never in a spec:
+passwords (registry credentials), private keys, or anything read from a host.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from lifecycle import desired_certs as certs
+from lifecycle.config.model import BaseService, ClusterConfig, Node
+from lifecycle.desired_args import (
+    CONTROLPLANE_TAINT,
+    has_registry_host,
+    kubelet_may_set_label,
+    merge_flags,
+    node_labels,
+    node_taints,
+    registry_host,
+    render,
+    render_args,
+    taint_text,
+    unique,
+)
+from lifecycle.errors import PlanError
+from lifecycle.spec import Desired, HealthCheck, NodeDesired, ServiceSpec, Strategy
+from lifecycle.versions import (  # noqa: F401  (supported_versions, version_info: re-exported)
+    VersionCatalog,
+    VersionInfo,
+    default_catalog,
+    supported_versions,
+    version_info,
+)
+
+CONTAINER_NAME_LABEL = "io.rancher.rke.container.name"
+RKE_TOOLS_ENTRYPOINT = "/opt/rke-tools/entrypoint.sh"
+ETCD_DATA_DIR = "/var/lib/rancher/etcd"  # inside the container; the host side is /var/lib/etcd
+ETCD_BOOTSTRAP_FLAGS = ("initial-cluster", "initial-cluster-state", "initial-cluster-token")
+ETCD_CLUSTER_TOKEN = "etcd-cluster-1"
+DOCKER_ROOT_DIR = "/var/lib/docker"  # RKE reads it from `docker info`; the spec stays host-free
+
+
+def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None) -> Desired:
+    """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
+
+    `catalog` defaults to the versions shipped with rkel (tests pass their own).
+    Raises PlanError when config.kubernetes_version has no data in the catalog.
+    """
+    catalog = catalog or default_catalog()
+    version = config.version
+    if not catalog.has(version):
+        supported = catalog.supported()
+        raise PlanError(
+            f"kubernetes_version {version} is not supported; supported versions: "
+            f"{', '.join(supported)}. Set kubernetes_version to one of them (the closest one "
+            f"gives the right flags) and use system_images to pin other images, e.g. "
+            f"system_images.kubernetes: rancher/hyperkube:<tag>."
+        )
+    ctx = _Context(config, catalog.info(version))
+    nodes = tuple(sorted((_node_desired(ctx, n) for n in config.nodes), key=lambda n: n.name))
+    return Desired(
+        cluster_name=config.cluster_name,
+        kubernetes_version=version,
+        nodes=nodes,
+        strategy=_strategy(config),
+    )
+
+
+class _Context:
+    """What every per-node builder needs: the config, the version data and resolved images."""
+
+    def __init__(self, config: ClusterConfig, info: VersionInfo) -> None:
+        self.config = config
+        self.info = info
+        self.prefix = config.prefix_path.rstrip("/")
+        default_registry = next((r.url for r in config.private_registries if r.is_default), "")
+        self.registry = registry_host(default_registry)
+        s, pinned = config.services, config.system_images
+        # system_images > the service's legacy `image:` > the version's default.
+        kube_image = pinned.get("kubernetes") or ""
+        kube_services: dict[str, BaseService] = {
+            "kube-apiserver": s.kube_api,
+            "kube-controller-manager": s.kube_controller,
+            "kube-scheduler": s.scheduler,
+            "kubelet": s.kubelet,
+            "kube-proxy": s.kubeproxy,
+        }
+        self.images = {
+            name: self._image(kube_image or svc.image or info.image("kubernetes"))
+            for name, svc in kube_services.items()
+        }
+        self.images["etcd"] = self._image(pinned.get("etcd") or s.etcd.image or info.image("etcd"))
+        self.images["nginx-proxy"] = self._image(
+            pinned.get("nginx_proxy") or info.image("nginx_proxy")
+        )
+        self.images["pod-infra"] = self._image(
+            pinned.get("pod_infra_container")
+            or s.kubelet.infra_container_image
+            or info.image("pod_infra_container")
+        )
+        self.etcd_nodes = sorted(config.nodes_with("etcd"), key=lambda n: n.name)
+        self.cp_nodes = sorted(config.nodes_with("controlplane"), key=lambda n: n.name)
+        self.rbac = config.authorization.mode == "rbac"
+        self.cri_dockerd = config.enable_cri_dockerd is not False  # RKE: true from 1.24 on
+
+    def _image(self, image: str) -> str:
+        """Prefix the default private registry when the reference names no registry host."""
+        if not self.registry or has_registry_host(image):
+            return image
+        return f"{self.registry}/{image}"
+
+    def host(self, path: str) -> str:
+        """A host path under prefix_path (RKE's path.Join(prefix, path))."""
+        return f"{self.prefix}{path}" if self.prefix else path
+
+
+def _spec(ctx: _Context, name: str, service: BaseService | None, **fields: Any) -> ServiceSpec:
+    """A ServiceSpec with RKE's label and the service's extra binds and env appended."""
+    binds = list(fields.pop("binds", ()))
+    env = list(fields.pop("env", ()))
+    if service is not None:
+        binds += service.extra_binds
+        env += service.extra_env
+    return ServiceSpec(
+        name=name,
+        image=ctx.images[name],
+        binds=unique(binds),
+        env=unique(env),
+        labels=((CONTAINER_NAME_LABEL, name),),
+        **fields,
+    )
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _entrypoint(component: str) -> tuple[str, ...]:
+    return (RKE_TOOLS_ENTRYPOINT, component)
+
+
+# --- services ------------------------------------------------------------------------------
+
+
+def _etcd(ctx: _Context, node: Node) -> ServiceSpec:
+    svc = ctx.config.services.etcd
+    own = certs.etcd_cert_name(node)
+    listen = "0.0.0.0" if node.address == node.internal else node.internal
+    builtin = {
+        "name": f"etcd-{node.name}",
+        "data-dir": ETCD_DATA_DIR,
+        "listen-client-urls": f"https://{listen}:2379",
+        "listen-peer-urls": f"https://{listen}:2380",
+        "advertise-client-urls": f"https://{node.internal}:2379",
+        "initial-advertise-peer-urls": f"https://{node.internal}:2380",
+        "trusted-ca-file": certs.cert_path(certs.ETCD_CA),
+        "peer-trusted-ca-file": certs.cert_path(certs.ETCD_CA),
+        "cert-file": certs.cert_path(own),
+        "key-file": certs.key_path(own),
+        "peer-cert-file": certs.cert_path(own),
+        "peer-key-file": certs.key_path(own),
+        # The "new cluster of every desired member" case; the executor replaces these at first
+        # start from the live membership (existing cluster: state=existing, current members).
+        "initial-cluster": ",".join(
+            f"etcd-{n.name}=https://{n.internal}:2380" for n in ctx.etcd_nodes
+        ),
+        "initial-cluster-state": "new",
+        "initial-cluster-token": ETCD_CLUSTER_TOKEN,
+    }
+    merged = merge_flags(builtin, ctx.info.component_flags("etcd"), svc)
+    bootstrap = {k: merged.pop(k) for k in ETCD_BOOTSTRAP_FLAGS if k in merged}
+    endpoint = "127.0.0.1" if listen == "0.0.0.0" else node.internal
+    return _spec(
+        ctx,
+        "etcd",
+        svc,
+        command=("/usr/local/bin/etcd",),
+        args=render(merged, svc),
+        bootstrap_args=tuple(f"--{k}={bootstrap[k]}" for k in sorted(bootstrap)),
+        env=[
+            "ETCDCTL_API=3",
+            f"ETCDCTL_CACERT={certs.cert_path(certs.ETCD_CA)}",
+            f"ETCDCTL_CERT={certs.cert_path(own)}",
+            f"ETCDCTL_KEY={certs.key_path(own)}",
+            f"ETCDCTL_ENDPOINTS=https://{endpoint}:2379",
+        ],
+        binds=[
+            f"{ctx.host('/var/lib/etcd')}:{ETCD_DATA_DIR}",
+            f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
+        ],
+        health=HealthCheck(
+            url=f"https://{node.internal}:2379/health",
+            client_cert=certs.APISERVER_ETCD_CLIENT,
+            expect='"health":"true"',
+        ),
+    )
+
+
+def _kube_apiserver(ctx: _Context, node: Node) -> ServiceSpec:
+    cfg = ctx.config
+    api = cfg.services.kube_api
+    etcd = cfg.services.etcd
+    if etcd.external_urls:
+        etcd_servers = ",".join(etcd.external_urls)
+        etcd_prefix = etcd.path or "/registry"
+        etcd_ca, etcd_client = certs.EXTERNAL_ETCD_CA, certs.EXTERNAL_ETCD_CLIENT
+    else:
+        etcd_servers = ",".join(sorted(f"https://{n.internal}:2379" for n in ctx.etcd_nodes))
+        etcd_prefix = "/registry"
+        etcd_ca, etcd_client = certs.ETCD_CA, certs.APISERVER_ETCD_CLIENT
+    builtin = {
+        "client-ca-file": certs.cert_path(certs.KUBE_CA),
+        "etcd-cafile": certs.cert_path(etcd_ca),
+        "etcd-certfile": certs.cert_path(etcd_client),
+        "etcd-keyfile": certs.key_path(etcd_client),
+        "etcd-prefix": etcd_prefix,
+        "etcd-servers": etcd_servers,
+        "kubelet-client-certificate": certs.cert_path(certs.KUBE_APISERVER),
+        "kubelet-client-key": certs.key_path(certs.KUBE_APISERVER),
+        "proxy-client-cert-file": certs.cert_path(certs.PROXY_CLIENT),
+        "proxy-client-key-file": certs.key_path(certs.PROXY_CLIENT),
+        "requestheader-allowed-names": certs.PROXY_CLIENT,
+        "requestheader-client-ca-file": certs.cert_path(certs.REQUESTHEADER_CA),
+        "service-account-key-file": certs.key_path(certs.SERVICE_ACCOUNT_TOKEN),
+        "service-cluster-ip-range": api.service_cluster_ip_range,
+        "service-node-port-range": api.service_node_port_range,
+        "tls-cert-file": certs.cert_path(certs.KUBE_APISERVER),
+        "tls-private-key-file": certs.key_path(certs.KUBE_APISERVER),
+    }
+    if _is_ip(node.internal):  # RKE advertises only an IP address
+        builtin["advertise-address"] = node.internal
+    if ctx.rbac:
+        builtin["authorization-mode"] = "Node,RBAC"
+    if cfg.services.kubelet.generate_serving_certificate:
+        builtin["kubelet-certificate-authority"] = certs.cert_path(certs.KUBE_CA)
+    defaults = ctx.info.component_flags("kube-apiserver")
+    # RKE appends these admission plugins to whatever list the version defaults give.
+    extra_plugins = []
+    if api.always_pull_images:
+        extra_plugins.append("AlwaysPullImages")
+    if (api.event_rate_limit or {}).get("enabled"):
+        extra_plugins.append("EventRateLimit")
+    if extra_plugins and defaults.get("enable-admission-plugins"):
+        defaults["enable-admission-plugins"] += "," + ",".join(extra_plugins)
+    return _spec(
+        ctx,
+        "kube-apiserver",
+        api,
+        command=_entrypoint("kube-apiserver"),
+        args=render_args(builtin, defaults, api),
+        binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
+        health=HealthCheck(
+            url="https://127.0.0.1:6443/healthz", client_cert=certs.KUBE_ADMIN, expect="ok"
+        ),
+    )
+
+
+def _kube_controller_manager(ctx: _Context, node: Node) -> ServiceSpec:
+    svc = ctx.config.services.kube_controller
+    kubeconfig = certs.kubeconfig_path(certs.KUBE_CONTROLLER_MANAGER)
+    builtin = {
+        "cluster-cidr": svc.cluster_cidr,
+        "kubeconfig": kubeconfig,
+        "authentication-kubeconfig": kubeconfig,
+        "authorization-kubeconfig": kubeconfig,
+        "root-ca-file": certs.cert_path(certs.KUBE_CA),
+        "service-account-private-key-file": certs.key_path(certs.SERVICE_ACCOUNT_TOKEN),
+        "service-cluster-ip-range": svc.service_cluster_ip_range,
+    }
+    if ctx.rbac:
+        builtin["use-service-account-credentials"] = "true"
+    return _spec(
+        ctx,
+        "kube-controller-manager",
+        svc,
+        command=_entrypoint("kube-controller-manager"),
+        args=render_args(builtin, ctx.info.component_flags("kube-controller-manager"), svc),
+        binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
+        health=HealthCheck(url="https://127.0.0.1:10257/healthz", expect="ok"),
+    )
+
+
+def _kube_scheduler(ctx: _Context, node: Node) -> ServiceSpec:
+    svc = ctx.config.services.scheduler
+    kubeconfig = certs.kubeconfig_path(certs.KUBE_SCHEDULER)
+    builtin = {
+        "kubeconfig": kubeconfig,
+        "authentication-kubeconfig": kubeconfig,
+        "authorization-kubeconfig": kubeconfig,
+    }
+    return _spec(
+        ctx,
+        "kube-scheduler",
+        svc,
+        command=_entrypoint("kube-scheduler"),
+        args=render_args(builtin, ctx.info.component_flags("kube-scheduler"), svc),
+        binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
+        health=HealthCheck(url="https://127.0.0.1:10259/healthz", expect="ok"),
+    )
+
+
+def _nginx_proxy(ctx: _Context, node: Node) -> ServiceSpec:
+    cp_hosts = ",".join(sorted({n.internal for n in ctx.cp_nodes}))
+    # A local TCP balancer on 127.0.0.1:6443; its env changes (and the container is replaced)
+    # whenever the controlplane set changes. No HTTP health check: it speaks plain TCP.
+    return _spec(
+        ctx,
+        "nginx-proxy",
+        None,
+        command=("nginx-proxy",),
+        env=[f"CP_HOSTS={cp_hosts}"],
+    )
+
+
+def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
+    cfg = ctx.config
+    svc = cfg.services.kubelet
+    builtin = {
+        "client-ca-file": certs.cert_path(certs.KUBE_CA),
+        "cluster-dns": svc.cluster_dns_server,
+        "cluster-domain": svc.cluster_domain,
+        "fail-swap-on": "true" if svc.fail_swap_on else "false",
+        "hostname-override": node.name,
+        "kubeconfig": certs.kubeconfig_path(certs.KUBE_NODE_KUBECONFIG),
+        "pod-infra-container-image": ctx.images["pod-infra"],
+        "root-dir": ctx.host("/var/lib/kubelet"),
+    }
+    taints = [taint_text(t.key, t.value, t.effect) for t in node.taints]
+    if "controlplane" in node.role and "worker" not in node.role:
+        taints.append(taint_text(*CONTROLPLANE_TAINT))
+    if taints:
+        builtin["register-with-taints"] = ",".join(sorted(set(taints)))
+    labels = [f"{k}={v}" for k, v in node.labels.items() if kubelet_may_set_label(k)]
+    if labels:
+        builtin["node-labels"] = ",".join(sorted(labels))
+    if node.address != node.internal:
+        builtin["node-ip"] = node.internal
+    if svc.generate_serving_certificate:
+        serving = certs.kubelet_serving_cert_name(node)
+        builtin["tls-cert-file"] = certs.cert_path(serving)
+        builtin["tls-private-key-file"] = certs.key_path(serving)
+    binds: list[str] = []
+    env: list[str] = []
+    if ctx.cri_dockerd:
+        builtin["container-runtime-endpoint"] = "unix:///var/run/cri-dockerd.sock"
+        binds.append(f"{ctx.host('/var/lib/cri-dockerd')}:/var/lib/cri-dockerd")
+        env.append("RKE_KUBELET_CRIDOCKERD=true")
+    nodelocal = ((cfg.dns or {}).get("nodelocal") or {}).get("ip_address")
+    if nodelocal:
+        builtin["cluster-dns"] = str(nodelocal)
+    kubelet_dir = ctx.host("/var/lib/kubelet")
+    binds += [
+        f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
+        "/etc/cni:/etc/cni:rw",
+        "/opt/cni:/opt/cni:rw",
+        f"{ctx.host('/var/lib/cni')}:/var/lib/cni",
+        "/var/lib/calico:/var/lib/calico",
+        "/etc/resolv.conf:/etc/resolv.conf",
+        "/sys:/sys:rprivate",
+        f"{DOCKER_ROOT_DIR}:{DOCKER_ROOT_DIR}:rw,rslave",
+        f"{kubelet_dir}:{kubelet_dir}:shared",
+        "/var/lib/rancher:/var/lib/rancher:shared",
+        "/var/run:/var/run:rw,rprivate",
+        "/run:/run:rprivate",
+        f"{ctx.host('/etc/ceph')}:/etc/ceph",
+        "/dev:/host/dev:rprivate",
+        "/var/log/containers:/var/log/containers",
+        "/var/log/pods:/var/log/pods",
+        "/usr:/host/usr:ro",
+        "/etc:/host/etc:ro",
+    ]
+    if kubelet_dir != "/var/lib/kubelet":
+        # RKE's special case so flex volume plugins keep working under a prefix.
+        binds.append("/var/lib/kubelet/volumeplugins:/var/lib/kubelet/volumeplugins:shared")
+    return _spec(
+        ctx,
+        "kubelet",
+        svc,
+        command=_entrypoint("kubelet"),
+        args=render_args(builtin, ctx.info.component_flags("kubelet"), svc),
+        env=env,
+        binds=binds,
+        privileged=True,
+        pid_mode="host",
+        health=HealthCheck(url="http://127.0.0.1:10248/healthz", expect="ok"),
+    )
+
+
+def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
+    svc = ctx.config.services.kubeproxy
+    builtin = {
+        "cluster-cidr": ctx.config.services.kube_controller.cluster_cidr,
+        "hostname-override": node.name,
+        "kubeconfig": certs.kubeconfig_path(certs.KUBE_PROXY),
+    }
+    return _spec(
+        ctx,
+        "kube-proxy",
+        svc,
+        command=_entrypoint("kube-proxy"),
+        args=render_args(builtin, ctx.info.component_flags("kube-proxy"), svc),
+        binds=[
+            f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
+            "/run:/run",
+            "/lib/modules:/lib/modules:ro",
+        ],
+        privileged=True,
+        pid_mode="host",
+        health=HealthCheck(url="http://127.0.0.1:10256/healthz"),
+    )
+
+
+# --- nodes ---------------------------------------------------------------------------------
+
+
+def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
+    """The node's containers in start order: etcd, control plane, local proxy, kubelet, proxy."""
+    roles = set(node.role)
+    out: list[ServiceSpec] = []
+    if "etcd" in roles:
+        out.append(_etcd(ctx, node))
+    if "controlplane" in roles:
+        out += [
+            _kube_apiserver(ctx, node),
+            _kube_controller_manager(ctx, node),
+            _kube_scheduler(ctx, node),
+        ]
+    else:
+        out.append(_nginx_proxy(ctx, node))
+    out += [_kubelet(ctx, node), _kube_proxy(ctx, node)]
+    return tuple(out)
+
+
+def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
+    return NodeDesired(
+        name=node.name,
+        address=node.address,
+        internal_address=node.internal,
+        port=node.port,
+        user=node.user,
+        roles=tuple(sorted(set(node.role))),
+        services=_services(ctx, node),
+        certs=certs.node_certs(ctx.config, node),
+        labels=node_labels(node),
+        taints=node_taints(node),
+    )
+
+
+def _strategy(config: ClusterConfig) -> Strategy:
+    us = config.upgrade_strategy
+    drain = us.node_drain_input
+    return Strategy(
+        max_unavailable_worker=str(us.max_unavailable_worker),
+        max_unavailable_controlplane=str(us.max_unavailable_controlplane),
+        drain=us.drain,
+        drain_force=drain.force,
+        drain_ignore_daemonsets=drain.ignore_daemonsets,
+        drain_delete_local_data=drain.delete_local_data,
+        drain_grace_period=drain.grace_period,
+        drain_timeout=drain.timeout,
+    )

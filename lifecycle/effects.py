@@ -1,0 +1,205 @@
+"""Idempotent effects on hosts: observe first, then act, so any effect can be redone after a crash.
+
+These are written against the Host/Kube/Etcd protocols only, so the Simulated and the SSH+Docker
+backends share them. A container replacement never leaves the node without its service: the old
+container is stopped and set aside as `old-<name>`, the new one started and health-checked, and
+only then is the old one removed; if the new one never gets healthy the old one is put back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from lifecycle.errors import HealthCheckError, HostError
+from lifecycle.hosts import EtcdAPI, Host, KubeAPI
+from lifecycle.spec import ServiceSpec
+
+Sleep = Callable[[float], None]
+
+OLD_PREFIX = "old-"
+READY_RETRIES = 24  # Node Ready: RKE waits only 5 x 5 s, which a slow kubelet start misses
+READY_INTERVAL = 5.0
+
+
+def old_name(name: str) -> str:
+    return OLD_PREFIX + name
+
+
+def wait_healthy(host: Host, spec: ServiceSpec, sleep: Sleep) -> bool:
+    """Probe until healthy or the spec's retry budget is spent. A spec without a check is healthy."""
+    if spec.health is None:
+        return True
+    for attempt in range(spec.health.retries):
+        if host.probe(spec):
+            return True
+        if attempt + 1 < spec.health.retries:
+            sleep(spec.health.interval)
+    return False
+
+
+def _unhealthy(host: Host, spec: ServiceSpec, restored: bool) -> HealthCheckError:
+    budget = f"{spec.health.retries} probes {spec.health.interval:g}s apart" if spec.health else ""
+    tail = "the previous container was put back" if restored else "there was no previous container"
+    return HealthCheckError(
+        host.name,
+        f"{spec.name} ({spec.image}) never became healthy ({budget}); {tail}. "
+        f"Check `docker logs {spec.name}` on the node, fix the cause, then `rkel apply --resume`",
+    )
+
+
+def start_service(host: Host, spec: ServiceSpec, sleep: Sleep, extra_args: Sequence[str] = ()) -> None:
+    """Make the container of `spec` exist, run and pass its health check."""
+    containers = host.containers()
+    have = containers.get(spec.name)
+    if have is not None and have.spec_hash != spec.hash:
+        # Something else holds the name (an RKE-made container, or a half-done earlier run).
+        replace_service(host, spec, sleep, extra_args)
+        return
+    if have is None:
+        leftover = containers.get(old_name(spec.name))
+        if leftover is not None:
+            host.remove_container(leftover.name)
+        host.run_container(spec, extra_args)
+    elif not have.running:
+        host.start_container(spec.name)
+    if not wait_healthy(host, spec, sleep):
+        raise _unhealthy(host, spec, restored=False)
+
+
+def replace_service(
+    host: Host, spec: ServiceSpec, sleep: Sleep, extra_args: Sequence[str] = ()
+) -> None:
+    """Swap the service's container for one built from `spec`, keeping the old one until healthy.
+
+    Safe to call again at any point of an earlier, interrupted call: a container already carrying
+    the new hash is health-checked rather than recreated, and a leftover `old-<name>` is the one to
+    restore or clean up.
+    """
+    aside = old_name(spec.name)
+    containers = host.containers()
+    have = containers.get(spec.name)
+    old = containers.get(aside)
+    if have is not None and have.spec_hash == spec.hash:
+        if not have.running:
+            host.start_container(spec.name)
+    else:
+        if have is not None:
+            if old is not None:
+                host.remove_container(aside)  # a stale leftover; `have` is the one in service
+            if have.running:
+                host.stop_container(spec.name)  # host networking: both cannot hold the ports
+            host.rename_container(spec.name, aside)
+            old = have
+        host.run_container(spec, extra_args)
+    if wait_healthy(host, spec, sleep):
+        if old is not None:
+            host.remove_container(aside)
+        return
+    host.remove_container(spec.name)
+    if old is not None:
+        host.rename_container(aside, spec.name)
+        host.start_container(spec.name)
+    raise _unhealthy(host, spec, restored=old is not None)
+
+
+def remove_service(host: Host, name: str) -> None:
+    """Remove the service's container and any leftover `old-` copy."""
+    containers = host.containers()
+    for candidate in (name, old_name(name)):
+        if candidate in containers:
+            host.remove_container(candidate)
+
+
+# ---------------------------------------------------------------------------- kubernetes
+def same_version(reported: str, tag: str) -> bool:
+    """A kubelet reports v1.30.5 for image tag v1.30.5-rancher1: compare the release only."""
+    return reported.split("-")[0].lstrip("v") == tag.split("-")[0].lstrip("v")
+
+
+def wait_node_ready(kube: KubeAPI, name: str, sleep: Sleep, version: str = "") -> None:
+    """Wait until the Node is Ready (at `version` when given)."""
+    seen = "not registered"
+    for attempt in range(READY_RETRIES):
+        node = kube.node(name)
+        if node is not None:
+            seen = f"Ready={node.ready}, kubelet {node.kubelet_version or '?'}"
+            if node.ready and (not version or same_version(node.kubelet_version, version)):
+                return
+        if attempt + 1 < READY_RETRIES:
+            sleep(READY_INTERVAL)
+    raise HealthCheckError(
+        name,
+        f"Kubernetes node {name} not Ready{' at ' + version if version else ''} after "
+        f"{READY_RETRIES * READY_INTERVAL:g}s ({seen}); check the kubelet on the node, then "
+        "`rkel apply --resume`",
+    )
+
+
+# ---------------------------------------------------------------------------- etcd
+def etcd_peer_url(address: str) -> str:
+    return f"https://{address}:2380"
+
+
+def etcd_member_name(node: str) -> str:
+    return f"etcd-{node}"
+
+
+def etcd_join(etcd: EtcdAPI, node: str, address: str) -> None:
+    """Add the node as a learner member unless it is a member already."""
+    name = etcd_member_name(node)
+    if any(m.name == name for m in etcd.members()):
+        return
+    etcd.add_member(name, etcd_peer_url(address))
+
+
+def etcd_bootstrap_args(
+    etcd: EtcdAPI | None, node: str, address: str, token: str
+) -> list[str]:
+    """--initial-cluster* for a member's first start: itself alone when `etcd` is None (a new
+    cluster), else every current member, joining as `existing`."""
+    me = etcd_member_name(node)
+    if etcd is None:
+        peers = {me: etcd_peer_url(address)}
+        state = "new"
+    else:
+        peers = {m.name: m.peer_url for m in etcd.members()}
+        peers.setdefault(me, etcd_peer_url(address))
+        state = "existing"
+    initial = ",".join(f"{n}={u}" for n, u in sorted(peers.items()))
+    return [
+        f"--initial-cluster={initial}",
+        f"--initial-cluster-state={state}",
+        f"--initial-cluster-token={token}",
+    ]
+
+
+def etcd_settle(etcd: EtcdAPI, node: str, sleep: Sleep, retries: int = 20, interval: float = 3.0) -> None:
+    """Promote the node if it is a learner, then wait until EVERY member is healthy."""
+    name = etcd_member_name(node)
+    last = ""
+    for attempt in range(retries):
+        try:
+            members = {m.name: m for m in etcd.members()}
+            if name in members and members[name].learner:
+                etcd.promote_member(name)
+            health = etcd.healthy()
+            sick = sorted(n for n, ok in health.items() if not ok)
+            if not sick:
+                return
+            last = f"unhealthy: {', '.join(sick)}"
+        except HostError as exc:
+            last = str(exc)
+        if attempt + 1 < retries:
+            sleep(interval)
+    raise HealthCheckError(
+        node,
+        f"etcd cluster not healthy after {name} started ({last}); run `rkel status`, fix the "
+        "member(s), then `rkel apply --resume`",
+    )
+
+
+def etcd_leave(etcd: EtcdAPI, node: str) -> None:
+    """Remove the node's member if it is still one."""
+    name = etcd_member_name(node)
+    if any(m.name == name for m in etcd.members()):
+        etcd.remove_member(name)

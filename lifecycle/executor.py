@@ -1,0 +1,333 @@
+"""The journaled executor: walks a Plan, group after group, with a bounded pool of workers.
+
+For every step: an *intent* row is written (with any state that marks the step as under way),
+the effect runs (idempotent: it looks at the host first), then a *done* row is written together
+with the resulting state, in one transaction. A run that dies anywhere is resumed from its stored
+plan: steps with a done row are skipped, a step with only an intent is redone — its effect
+observes what the dead run already did. The state machines validate every state change before
+the effect runs.
+
+Within a group, units (one node's steps) run at most `group.concurrency` at a time, as a sliding
+window; a failed unit does not stop its siblings, and the run stops after the group with an error
+naming every failed node and the state it was left in.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+from lifecycle import effects
+from lifecycle.errors import RkelError, RunFailedError
+from lifecycle.hosts import Backend, DrainOptions
+from lifecycle.machines import advance
+from lifecycle.plan import Group, Plan, Step, Unit
+from lifecycle.spec import CertRequest
+from store import DeleteNode, DeleteService, Store, UpsertNode, UpsertService
+
+
+class CertRenderer(Protocol):
+    """Turns a node's certificate requests into the files to put on it."""
+
+    def files_for(self, node: str, certs: list[CertRequest]) -> Mapping[str, bytes]: ...
+
+
+class Observer(Protocol):
+    """Progress reporting; every method is optional in spirit and must not raise."""
+
+    def group_started(self, index: int, group: Group) -> None: ...
+
+    def step_started(self, step: Step) -> None: ...
+
+    def step_finished(self, step: Step, error: str | None) -> None: ...
+
+    def unit_finished(self, group: Group, unit: Unit, seconds: float, error: str | None) -> None: ...
+
+
+class QuietObserver:
+    def group_started(self, index: int, group: Group) -> None:
+        pass
+
+    def step_started(self, step: Step) -> None:
+        pass
+
+    def step_finished(self, step: Step, error: str | None) -> None:
+        pass
+
+    def unit_finished(self, group: Group, unit: Unit, seconds: float, error: str | None) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    steps_done: int = 0
+    steps_skipped: int = 0
+    seconds: float = 0.0
+    unit_seconds: dict[str, list[float]] = field(default_factory=dict)  # group title -> durations
+
+
+# Which machine triggers a step fires, given the state before it: (intent, done).
+def _node_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
+    if action == "deliver-certs":
+        done = {"absent": ["prepare"], "failed": ["prepare"], "running": ["refresh"]}
+        return [], done.get(state, [])
+    if action == "cordon":
+        return [], ["cordon"] if state in ("running", "failed") else []
+    if action == "wait-ready":
+        done = {"certs": ["start"], "failed": ["start"], "draining": ["upgrade"]}
+        return [], done.get(state, [])
+    if action == "uncordon":
+        return [], ["uncordon"] if state in ("upgraded", "draining") else []
+    if action in ("etcd-leave", "drain-out", "delete-node", "forget-node") and state != "removing":
+        return (["remove"] if state != "removed" else []), []
+    return [], []
+
+
+def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
+    if action == "start":
+        done = {"absent": ["prepare", "start"], "certs": ["start"], "failed": ["start"]}
+        return [], done.get(state, [])
+    if action == "replace":
+        intent = ["replace"] if state in ("running", "failed") else []
+        return intent, ["upgrade", "settle"]
+    return [], []
+
+
+STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
+
+
+class Executor:
+    """Runs plans against one backend, journaling into one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        backend: Backend,
+        certs: CertRenderer,
+        *,
+        workers: int = 8,
+        observer: Observer | None = None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.certs = certs
+        self.workers = max(1, workers)
+        self.observer: Observer = observer or QuietObserver()
+        self._state_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ entry points
+    def run(self, run_id: int, plan: Plan) -> RunResult:
+        """Execute (or continue) run `run_id` of `plan`; finishes the run row either way."""
+        journal = self.store.journal(run_id)
+        done = {row.step_id for row in journal if row.phase == "done"}
+        result = RunResult(run_id)
+        started = self.backend.clock()
+        try:
+            for index, group in enumerate(plan.groups):
+                self.observer.group_started(index, group)
+                failures = self._run_group(run_id, plan, group, done, result)
+                if failures:
+                    raise RunFailedError(self._failure_message(group, failures), failures)
+        except RunFailedError as exc:
+            self.store.finish_run(run_id, "failed", str(exc))
+            raise
+        result.seconds = self.backend.clock() - started
+        self.store.finish_run(run_id, "done")
+        return result
+
+    def _failure_message(self, group: Group, failures: dict[str, str]) -> str:
+        lines = [f"{len(failures)} node(s) failed in '{group.title}'; later groups were not run:"]
+        for node in sorted(failures):
+            row = self.store.node(node)
+            state = row.state if row else "absent"
+            lines.append(f"  {node} (state {state}): {failures[node]}")
+        lines.append("Fix the cause, then run `rkel apply` again to retry from the current state.")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ groups and units
+    def _run_group(
+        self, run_id: int, plan: Plan, group: Group, done: set[str], result: RunResult
+    ) -> dict[str, str]:
+        failures: dict[str, str] = {}
+        durations = result.unit_seconds.setdefault(group.title, [])
+        lock = threading.Lock()
+        # etcd members and control plane nodes: one failure stops the group before the next
+        # unit starts (the cluster's availability depends on them); workers carry on.
+        stop_on_failure = group.phase in STOP_ON_FAILURE
+
+        def work(unit: Unit) -> None:
+            if stop_on_failure and failures:
+                return
+            t0 = self.backend.clock()
+            error: str | None = None
+            try:
+                for step in unit.steps:
+                    if step.id in done:
+                        with lock:
+                            result.steps_skipped += 1
+                        continue
+                    self._run_step(run_id, plan, step)
+                    with lock:
+                        result.steps_done += 1
+            except RkelError as exc:
+                error = str(exc)
+                with lock:
+                    failures[unit.node] = error
+            seconds = self.backend.clock() - t0
+            with lock:
+                durations.append(seconds)
+            self.observer.unit_finished(group, unit, seconds, error)
+
+        size = min(group.concurrency, self.workers, len(group.units))
+        if size <= 1:
+            for unit in group.units:
+                work(unit)
+        else:
+            with ThreadPoolExecutor(max_workers=size, thread_name_prefix="rkel") as pool:
+                for future in [pool.submit(work, unit) for unit in group.units]:
+                    future.result()
+        return failures
+
+    # ------------------------------------------------------------------ one step
+    def _state_ops(self, step: Step, which: int) -> list[Any]:
+        """Store ops for the intent (which=0) or done (which=1) row of `step`."""
+        ops: list[Any] = []
+        node = self.store.node(step.node)
+        node_state = node.state if node else "absent"
+        triggers = _node_triggers(step.action, node_state)[which]
+        if triggers:
+            ops.append(UpsertNode(step.node, {"state": advance("node", node_state, *triggers)}))
+        if step.service and step.action in ("start", "replace"):
+            svc = self.store.service(step.node, step.service)
+            svc_state = svc.state if svc else "absent"
+            strig = _service_triggers(step.action, svc_state)[which]
+            if strig:
+                fields: dict[str, Any] = {"state": advance("service", svc_state, *strig)}
+                if which == 1:
+                    spec = step.service_spec
+                    fields.update(spec_hash=spec.hash, image=spec.image, spec=spec.to_dict())
+                ops.append(UpsertService(step.node, step.service, fields))
+        return ops
+
+    def _node_fields(self, plan: Plan, name: str) -> dict[str, Any]:
+        ref = plan.node_ref(name)
+        return {
+            "address": ref.address,
+            "internal_address": ref.internal_address,
+            "port": ref.port,
+            "user": ref.user,
+            "roles": list(ref.roles),
+        }
+
+    def _run_step(self, run_id: int, plan: Plan, step: Step) -> None:
+        detail = {"action": step.action, "node": step.node, "service": step.service}
+        if step.spec:
+            detail["image"] = step.new_image
+        with self._state_lock:
+            ops = self._state_ops(step, 0)
+            if self.store.node(step.node) is None:
+                ops.insert(0, UpsertNode(step.node, {**self._node_fields(plan, step.node), "state": "absent"}))
+            self.store.write_journal(run_id, step.id, "intent", detail, ops)
+        self.observer.step_started(step)
+        try:
+            self._effect(plan, step)
+        except RkelError as exc:
+            with self._state_lock:
+                fail_ops: list[Any] = []
+                node = self.store.node(step.node)
+                if node and node.state not in ("removing", "removed"):
+                    fail_ops.append(UpsertNode(step.node, {"state": advance("node", node.state, "fail")}))
+                svc = self.store.service(step.node, step.service) if step.service else None
+                if svc and step.action == "replace":
+                    # The old container was put back (or never moved): it is what runs.
+                    fail_ops.append(UpsertService(step.node, step.service, {"state": "running"}))
+                elif svc and step.action == "start":
+                    fail_ops.append(UpsertService(step.node, step.service, {"state": advance("service", svc.state, "fail")}))
+                self.store.write_journal(run_id, step.id, "failed", {**detail, "error": str(exc)}, fail_ops)
+            self.observer.step_finished(step, str(exc))
+            raise
+        with self._state_lock:
+            ops = self._state_ops(step, 1)
+            if step.action == "deliver-certs":
+                want = plan.node_ref(step.node)
+                ops.append(UpsertNode(step.node, {
+                    **self._node_fields(plan, want.name),
+                    "certs_hash": (step.detail or {}).get("certs_hash", ""),
+                }))
+            elif step.action == "remove-service":
+                ops.append(DeleteService(step.node, step.service))
+            elif step.action == "forget-node":
+                ops.append(DeleteNode(step.node))
+            self.store.write_journal(run_id, step.id, "done", detail, ops)
+        self.observer.step_finished(step, None)
+
+    # ------------------------------------------------------------------ effects
+    def _effect(self, plan: Plan, step: Step) -> None:
+        ref = plan.node_ref(step.node)
+        sleep = self.backend.sleep
+        action = step.action
+        if action == "deliver-certs":
+            certs = [CertRequest(**{**c, "organizations": tuple(c["organizations"]), "sans": tuple(c["sans"])})
+                     for c in (step.detail or {}).get("certs", [])]
+            self.backend.host(ref).put_files(self.certs.files_for(step.node, certs))
+        elif action == "etcd-join":
+            if self._etcd_exists(exclude=step.node):
+                effects.etcd_join(self.backend.etcd(), step.node, ref.internal_address)
+        elif action in ("start", "replace"):
+            spec = step.service_spec
+            host = self.backend.host(ref)
+            extra: list[str] = []
+            if spec.name == "etcd" and action == "start":
+                etcd = self.backend.etcd() if self._etcd_exists(exclude=step.node) else None
+                token = f"rkel-etcd-{plan.cluster_name}"
+                extra = effects.etcd_bootstrap_args(etcd, step.node, ref.internal_address, token)
+            if action == "start":
+                effects.start_service(host, spec, sleep, extra)
+            else:
+                effects.replace_service(host, spec, sleep, extra)
+            if spec.name == "etcd":
+                effects.etcd_settle(self.backend.etcd(), step.node, sleep)
+        elif action == "remove-service":
+            effects.remove_service(self.backend.host(ref), step.service)
+        elif action == "cordon":
+            self.backend.kube().cordon(step.node)
+        elif action == "drain":
+            self.backend.kube().drain(step.node, self._drain_options(plan))
+        elif action == "wait-ready":
+            effects.wait_node_ready(self.backend.kube(), step.node, sleep, self._kubelet_version(plan, step.node))
+        elif action == "uncordon":
+            self.backend.kube().uncordon(step.node)
+        elif action == "etcd-leave":
+            effects.etcd_leave(self.backend.etcd(), step.node)
+        elif action == "drain-out":
+            kube = self.backend.kube()
+            kube.cordon(step.node)
+            if plan.drain:
+                kube.drain(step.node, self._drain_options(plan))
+        elif action == "delete-node":
+            self.backend.kube().delete_node(step.node)
+        elif action == "forget-node":
+            self.backend.host(ref).remove_paths(["/etc/kubernetes/ssl", "/var/lib/etcd"])
+        else:  # pragma: no cover - the planner only emits the actions above
+            raise RkelError(f"step {step.id}: unknown action {action!r}")
+
+    def _etcd_exists(self, exclude: str) -> bool:
+        """Has an etcd member other than `exclude` ever been started (so a cluster exists)?"""
+        return any(
+            s.name == "etcd" and s.node != exclude and s.spec_hash
+            for s in self.store.services()
+        )
+
+    def _kubelet_version(self, plan: Plan, node: str) -> str:
+        for step in plan.steps:
+            if step.node == node and step.service == "kubelet" and step.spec:
+                return step.new_image.rsplit(":", 1)[-1]
+        svc = self.store.service(node, "kubelet")
+        return (svc.image or "").rsplit(":", 1)[-1] if svc else ""
+
+    def _drain_options(self, plan: Plan) -> DrainOptions:
+        return DrainOptions(**plan.drain_options) if plan.drain_options else DrainOptions()
+

@@ -1,0 +1,139 @@
+"""The Host protocol: what the executor may ask of a node, a Kubernetes API and an etcd cluster.
+
+Two implementations carry it: the SSH + Docker backend for real servers and the Simulated backend
+(`lifecycle.hosts.simulated`) for properties, scale and rehearsals. Everything above this module
+(effects, executor) is written against these protocols only, so the same planner and executor
+drive both. Methods observe or change one thing and raise `HostError` subclasses on failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+from lifecycle.spec import NodeRef, ServiceSpec
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container as observed on a host."""
+
+    name: str
+    image: str
+    spec_hash: str  # the io.rkel.spec-hash label ("" when the container is not rkel's)
+    running: bool
+
+
+@dataclass(frozen=True)
+class KubeNode:
+    """A Kubernetes Node as the API reports it."""
+
+    name: str
+    ready: bool
+    schedulable: bool
+    kubelet_version: str = ""
+
+
+@dataclass(frozen=True)
+class EtcdMember:
+    name: str
+    peer_url: str
+    started: bool  # False between `member add` and the member's first start
+    learner: bool = False  # added as a non-voting learner; promoted once it has caught up
+
+
+@dataclass(frozen=True)
+class DrainOptions:
+    force: bool = False
+    ignore_daemonsets: bool = True
+    delete_local_data: bool = False
+    grace_period: int = -1
+    timeout: int = 120
+
+
+class Host(Protocol):
+    """One node, reached over one connection that lives for the whole run."""
+
+    name: str
+
+    def containers(self) -> dict[str, Container]:
+        """Every container on the host, by name."""
+        ...
+
+    def run_container(self, spec: ServiceSpec, extra_args: Sequence[str] = ()) -> None:
+        """Create and start a container from `spec` (labelled with its hash), named spec.name."""
+        ...
+
+    def start_container(self, name: str) -> None: ...
+
+    def stop_container(self, name: str) -> None: ...
+
+    def remove_container(self, name: str) -> None:
+        """Stop and delete; no error if it does not exist."""
+        ...
+
+    def rename_container(self, old: str, new: str) -> None: ...
+
+    def probe(self, spec: ServiceSpec) -> bool:
+        """One health probe of the running service; True when healthy."""
+        ...
+
+    def put_files(self, files: Mapping[str, bytes]) -> None:
+        """Write files (absolute paths on the node), root-owned, mode 0600."""
+        ...
+
+    def remove_paths(self, paths: Sequence[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KubeAPI(Protocol):
+    """The cluster's Kubernetes API, as used by the executor."""
+
+    def node(self, name: str) -> KubeNode | None: ...
+
+    def cordon(self, name: str) -> None: ...
+
+    def uncordon(self, name: str) -> None: ...
+
+    def drain(self, name: str, options: DrainOptions) -> None: ...
+
+    def delete_node(self, name: str) -> None: ...
+
+
+class EtcdAPI(Protocol):
+    """The etcd cluster's membership API (through a healthy member)."""
+
+    def members(self) -> list[EtcdMember]: ...
+
+    def add_member(self, name: str, peer_url: str) -> None:
+        """Add as a learner: it does not count towards quorum until promoted."""
+        ...
+
+    def promote_member(self, name: str) -> None:
+        """Make a caught-up learner a voting member; raises HostError while it is not ready."""
+        ...
+
+    def remove_member(self, name: str) -> None: ...
+
+    def healthy(self) -> dict[str, bool]:
+        """Health of every member by name (not 'the first one that answers')."""
+        ...
+
+
+class Backend(Protocol):
+    """Hands out hosts and cluster APIs for one run; `close` ends every connection."""
+
+    def host(self, node: NodeRef) -> Host: ...
+
+    def kube(self) -> KubeAPI: ...
+
+    def etcd(self) -> EtcdAPI: ...
+
+    def clock(self) -> float:
+        """Seconds on this backend's clock (virtual for the Simulated backend)."""
+        ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,508 @@
+"""The Simulated backend: in-memory hosts, a Kubernetes API and an etcd cluster, with a latency
+model and fault injection.
+
+It exists for property tests, scale benchmarks and `--simulate` rehearsals — never in place of
+the real path in end-to-end tests. Time is virtual: every operation advances the calling thread's
+clock by its modelled latency and `sleep` advances it too, so a 100-node rehearsal takes
+milliseconds yet reports the duration the real run would roughly take. The world also records
+what an observer of the real cluster would check: quorum losses, how many nodes of each group
+were unschedulable at once, how often each container was created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lifecycle.errors import HostError, HostUnreachableError
+from lifecycle.hosts import Container, DrainOptions, EtcdMember, KubeNode
+from lifecycle.spec import NodeRef, ServiceSpec
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Modelled seconds per operation (rough figures for a LAN and a warm image cache)."""
+
+    connect: float = 0.25
+    inspect: float = 0.05
+    run_container: float = 2.0
+    start: float = 0.5
+    stop: float = 1.5
+    remove: float = 0.5
+    rename: float = 0.05
+    probe: float = 0.2
+    put_files: float = 0.3
+    cordon: float = 0.2
+    drain: float = 8.0
+    delete_node: float = 0.2
+    etcd: float = 0.3
+    jitter: float = 0.0  # +- fraction, drawn from a seeded generator
+    seed: int = 0
+
+
+@dataclass
+class SimContainer:
+    name: str
+    image: str
+    spec_hash: str
+    running: bool
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SimHost:
+    name: str
+    roles: list[str] = field(default_factory=list)
+    containers: dict[str, SimContainer] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha of content (no secrets)
+    reachable: bool = True
+    ops: int = 0
+    fail_ops: list[int] = field(default_factory=list)  # op numbers that fail
+    never_healthy: list[str] = field(default_factory=list)  # services whose probe never passes
+
+
+class SimWorld:
+    """The simulated cluster. Thread-safe; optionally persisted to a JSON file after each change."""
+
+    def __init__(self, latency: Latency | None = None, path: Path | None = None) -> None:
+        self.latency = latency or Latency()
+        self.path = path
+        self.hosts: dict[str, SimHost] = {}
+        self.kube_nodes: dict[str, dict[str, Any]] = {}  # name -> {schedulable, version}
+        self.etcd: dict[str, dict[str, Any]] = {}  # name -> {peer_url, learner}
+        self.creations: Counter[str] = Counter()  # "host/name@hash" -> times created
+        self.quorum_violations: list[str] = []
+        self.max_unschedulable: dict[str, int] = {}
+        self.connections: Counter[str] = Counter()
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._rng = random.Random(self.latency.seed)
+
+    # ------------------------------------------------------------------ time
+    def clock(self) -> float:
+        return float(getattr(self._local, "now", 0.0))
+
+    def sleep(self, seconds: float) -> None:
+        self._local.now = self.clock() + max(0.0, seconds)
+
+    def _spend(self, seconds: float) -> None:
+        if self.latency.jitter:
+            with self._lock:
+                seconds *= 1 + self._rng.uniform(-self.latency.jitter, self.latency.jitter)
+        self.sleep(seconds)
+
+    # ------------------------------------------------------------------ faults
+    def fail_nth_op(self, host: str, n: int) -> None:
+        """The host's n-th operation from now raises HostError."""
+        with self._lock:
+            h = self._host(host)
+            h.fail_ops.append(h.ops + n)
+
+    def set_reachable(self, host: str, reachable: bool) -> None:
+        with self._lock:
+            self._host(host).reachable = reachable
+            self._save()
+
+    def set_never_healthy(self, host: str, service: str, value: bool = True) -> None:
+        with self._lock:
+            h = self._host(host)
+            if value and service not in h.never_healthy:
+                h.never_healthy.append(service)
+            if not value and service in h.never_healthy:
+                h.never_healthy.remove(service)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _host(self, name: str) -> SimHost:
+        if name not in self.hosts:
+            self.hosts[name] = SimHost(name)
+        return self.hosts[name]
+
+    def _op(self, host: str, seconds: float) -> SimHost:
+        """Count one operation on `host`, spend its latency, and apply injected faults."""
+        with self._lock:
+            h = self._host(host)
+            if not h.reachable:
+                raise HostUnreachableError(host, "no route to host (simulated)")
+            h.ops += 1
+            failing = h.ops in h.fail_ops
+        self._spend(seconds)
+        if failing:
+            raise HostError(host, f"operation {h.ops} failed (injected fault)")
+        return h
+
+    def _group(self, name: str) -> str:
+        roles = self._host(name).roles
+        if "controlplane" in roles:
+            return "controlplane"
+        return "etcd" if "etcd" in roles else "worker"
+
+    def _check_schedulable(self) -> None:
+        counts: Counter[str] = Counter()
+        for name, node in self.kube_nodes.items():
+            if not node["schedulable"]:
+                counts[self._group(name)] += 1
+        for group, count in counts.items():
+            self.max_unschedulable[group] = max(self.max_unschedulable.get(group, 0), count)
+
+    def voting_started(self) -> tuple[int, int]:
+        """(voting members, voting members whose etcd container runs)."""
+        voting = [n for n, m in self.etcd.items() if not m["learner"]]
+        started = [n for n in voting if self._etcd_running(n)]
+        return len(voting), len(started)
+
+    def _etcd_running(self, member: str) -> bool:
+        host = self.hosts.get(member.removeprefix("etcd-"))
+        c = host.containers.get("etcd") if host else None
+        return bool(host and c and c.running and "etcd" not in host.never_healthy)
+
+    def _check_quorum(self, why: str) -> None:
+        voting, started = self.voting_started()
+        # A cluster of one or two members cannot keep quorum while a member restarts; only a
+        # loss that a careful order could have avoided counts.
+        if voting >= 3 and started < voting // 2 + 1:
+            self.quorum_violations.append(f"{why}: {started}/{voting} voting members running")
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), sort_keys=True))
+        os.replace(tmp, self.path)
+
+    # ------------------------------------------------------------------ containers
+    def containers(self, host: str) -> dict[str, Container]:
+        h = self._op(host, self.latency.inspect)
+        with self._lock:
+            return {
+                c.name: Container(c.name, c.image, c.spec_hash, c.running)
+                for c in h.containers.values()
+            }
+
+    def run_container(self, host: str, spec: ServiceSpec, extra_args: Sequence[str]) -> None:
+        h = self._op(host, self.latency.run_container)
+        with self._lock:
+            if spec.name in h.containers:
+                raise HostError(host, f"container name {spec.name!r} is already in use")
+            h.containers[spec.name] = SimContainer(
+                spec.name, spec.image, spec.hash, True, list(spec.args) + list(extra_args)
+            )
+            self.creations[f"{host}/{spec.name}@{spec.hash}"] += 1
+            member = f"etcd-{host}"
+            if spec.name == "etcd" and "--initial-cluster-state=new" in extra_args:
+                # A member started as a new cluster forms one (its data dir was empty).
+                if self.etcd and member not in self.etcd:
+                    raise HostError(host, "etcd started as a new cluster beside an existing one")
+                initial = next(a for a in extra_args if a.startswith("--initial-cluster="))
+                peer_url = initial.split("=", 2)[2]
+                self.etcd.setdefault(member, {"peer_url": peer_url, "learner": False})
+            if spec.name == "kubelet":
+                node = self.kube_nodes.setdefault(host, {"schedulable": True, "version": ""})
+                node["version"] = spec.image.rsplit(":", 1)[-1]
+            self._save()
+
+    def set_running(self, host: str, name: str, running: bool) -> None:
+        h = self._op(host, self.latency.start if running else self.latency.stop)
+        with self._lock:
+            if name not in h.containers:
+                raise HostError(host, f"no container {name!r}")
+            h.containers[name].running = running
+            if name == "etcd" and not running:
+                self._check_quorum(f"stopping etcd on {host}")
+            self._save()
+
+    def remove_container(self, host: str, name: str) -> None:
+        h = self._op(host, self.latency.remove)
+        with self._lock:
+            gone = h.containers.pop(name, None)
+            if gone is not None and name == "etcd" and gone.running and host in self.etcd:
+                self._check_quorum(f"removing etcd on {host}")
+            self._save()
+
+    def rename_container(self, host: str, old: str, new: str) -> None:
+        h = self._op(host, self.latency.rename)
+        with self._lock:
+            if old not in h.containers:
+                raise HostError(host, f"no container {old!r}")
+            if new in h.containers:
+                raise HostError(host, f"container name {new!r} is already in use")
+            c = h.containers.pop(old)
+            c.name = new
+            h.containers[new] = c
+            if old == "etcd":
+                self._check_quorum(f"renaming etcd on {host}")
+            self._save()
+
+    def probe(self, host: str, spec: ServiceSpec) -> bool:
+        h = self._op(host, self.latency.probe)
+        with self._lock:
+            c = h.containers.get(spec.name)
+            return bool(c and c.running and spec.name not in h.never_healthy)
+
+    def put_files(self, host: str, files: Mapping[str, bytes]) -> None:
+        import hashlib
+
+        h = self._op(host, self.latency.put_files)
+        with self._lock:
+            for path, content in files.items():
+                h.files[path] = hashlib.sha256(content).hexdigest()
+            self._save()
+
+    def remove_paths(self, host: str, paths: Sequence[str]) -> None:
+        h = self._op(host, self.latency.remove)
+        with self._lock:
+            for path in paths:
+                for known in [p for p in h.files if p == path or p.startswith(path + "/")]:
+                    del h.files[known]
+            self._save()
+
+    # ------------------------------------------------------------------ kubernetes
+    def kube_node(self, name: str) -> KubeNode | None:
+        self._spend(self.latency.inspect)
+        with self._lock:
+            node = self.kube_nodes.get(name)
+            if node is None:
+                return None
+            h = self.hosts.get(name)
+            kubelet = h.containers.get("kubelet") if h else None
+            ready = bool(
+                h and h.reachable and kubelet and kubelet.running
+                and "kubelet" not in h.never_healthy
+            )
+            return KubeNode(name, ready, node["schedulable"], node["version"])
+
+    def set_schedulable(self, name: str, schedulable: bool) -> None:
+        self._spend(self.latency.cordon)
+        with self._lock:
+            node = self.kube_nodes.get(name)
+            if node is None:
+                return  # never registered: nothing to cordon
+            node["schedulable"] = schedulable
+            self._check_schedulable()
+            self._save()
+
+    def drain(self, name: str) -> None:
+        self._spend(self.latency.drain)
+
+    def delete_kube_node(self, name: str) -> None:
+        self._spend(self.latency.delete_node)
+        with self._lock:
+            self.kube_nodes.pop(name, None)
+            self._save()
+
+    # ------------------------------------------------------------------ etcd
+    def _etcd_reachable(self) -> None:
+        voting, started = self.voting_started()
+        if voting and started < voting // 2 + 1:
+            raise HostUnreachableError("etcd", f"no quorum: {started}/{voting} members running")
+
+    def etcd_members(self) -> list[EtcdMember]:
+        self._spend(self.latency.etcd)
+        with self._lock:
+            self._etcd_reachable()
+            return [
+                EtcdMember(n, m["peer_url"], self._etcd_running(n), m["learner"])
+                for n, m in sorted(self.etcd.items())
+            ]
+
+    def etcd_add(self, name: str, peer_url: str) -> None:
+        self._spend(self.latency.etcd)
+        with self._lock:
+            self._etcd_reachable()
+            if name in self.etcd:
+                raise HostError("etcd", f"member {name} already exists")
+            self.etcd[name] = {"peer_url": peer_url, "learner": bool(self.etcd)}
+            self._save()
+
+    def etcd_promote(self, name: str) -> None:
+        self._spend(self.latency.etcd)
+        with self._lock:
+            self._etcd_reachable()
+            if name not in self.etcd:
+                raise HostError("etcd", f"no member {name}")
+            if not self._etcd_running(name):
+                raise HostError("etcd", f"learner {name} is not in sync yet")
+            self.etcd[name]["learner"] = False
+            self._save()
+
+    def etcd_remove(self, name: str) -> None:
+        self._spend(self.latency.etcd)
+        with self._lock:
+            self._etcd_reachable()
+            self.etcd.pop(name, None)
+            self._check_quorum(f"removing member {name}")
+            self._save()
+
+    def etcd_health(self) -> dict[str, bool]:
+        self._spend(self.latency.etcd)
+        with self._lock:
+            self._etcd_reachable()
+            return {n: self._etcd_running(n) for n in sorted(self.etcd)}
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latency": asdict(self.latency),
+            "hosts": {n: asdict(h) for n, h in sorted(self.hosts.items())},
+            "kube_nodes": self.kube_nodes,
+            "etcd": self.etcd,
+            "creations": dict(self.creations),
+            "quorum_violations": self.quorum_violations,
+            "max_unschedulable": self.max_unschedulable,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> SimWorld:
+        world = cls(Latency(**data.get("latency", {})), path)
+        for name, h in data.get("hosts", {}).items():
+            containers = {k: SimContainer(**c) for k, c in h.pop("containers", {}).items()}
+            world.hosts[name] = SimHost(**h, containers=containers)
+        world.kube_nodes = dict(data.get("kube_nodes", {}))
+        world.etcd = dict(data.get("etcd", {}))
+        world.creations = Counter(data.get("creations", {}))
+        world.quorum_violations = list(data.get("quorum_violations", []))
+        world.max_unschedulable = dict(data.get("max_unschedulable", {}))
+        return world
+
+    @classmethod
+    def load(cls, path: Path) -> SimWorld:
+        """The world saved at `path`, or a new empty one that will be saved there."""
+        if path.exists():
+            return cls.from_dict(json.loads(path.read_text()), path)
+        return cls(path=path)
+
+    def backend(self) -> SimBackend:
+        return SimBackend(self)
+
+
+class SimHostHandle:
+    """A `Host` for one simulated node."""
+
+    def __init__(self, world: SimWorld, node: NodeRef) -> None:
+        self.world = world
+        self.name = node.name
+
+    def containers(self) -> dict[str, Container]:
+        return self.world.containers(self.name)
+
+    def run_container(self, spec: ServiceSpec, extra_args: Sequence[str] = ()) -> None:
+        self.world.run_container(self.name, spec, extra_args)
+
+    def start_container(self, name: str) -> None:
+        self.world.set_running(self.name, name, True)
+
+    def stop_container(self, name: str) -> None:
+        self.world.set_running(self.name, name, False)
+
+    def remove_container(self, name: str) -> None:
+        self.world.remove_container(self.name, name)
+
+    def rename_container(self, old: str, new: str) -> None:
+        self.world.rename_container(self.name, old, new)
+
+    def probe(self, spec: ServiceSpec) -> bool:
+        return self.world.probe(self.name, spec)
+
+    def put_files(self, files: Mapping[str, bytes]) -> None:
+        self.world.put_files(self.name, files)
+
+    def remove_paths(self, paths: Sequence[str]) -> None:
+        self.world.remove_paths(self.name, paths)
+
+    def close(self) -> None:
+        pass
+
+
+class SimKube:
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+
+    def node(self, name: str) -> KubeNode | None:
+        return self.world.kube_node(name)
+
+    def cordon(self, name: str) -> None:
+        self.world.set_schedulable(name, False)
+
+    def uncordon(self, name: str) -> None:
+        self.world.set_schedulable(name, True)
+
+    def drain(self, name: str, options: DrainOptions) -> None:
+        self.world.drain(name)
+
+    def delete_node(self, name: str) -> None:
+        self.world.delete_kube_node(name)
+
+
+class SimEtcd:
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+
+    def members(self) -> list[EtcdMember]:
+        return self.world.etcd_members()
+
+    def add_member(self, name: str, peer_url: str) -> None:
+        self.world.etcd_add(name, peer_url)
+
+    def promote_member(self, name: str) -> None:
+        self.world.etcd_promote(name)
+
+    def remove_member(self, name: str) -> None:
+        self.world.etcd_remove(name)
+
+    def healthy(self) -> dict[str, bool]:
+        return self.world.etcd_health()
+
+
+class SimBackend:
+    """`Backend` over a SimWorld: one handle (one 'connection') per host per run."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+        self._hosts: dict[str, SimHostHandle] = {}
+        self._lock = threading.Lock()
+
+    def host(self, node: NodeRef) -> SimHostHandle:
+        with self._lock:
+            handle = self._hosts.get(node.name)
+            if handle is None:
+                with self.world._lock:
+                    self.world._host(node.name).roles = list(node.roles)
+                self.world._op(node.name, self.world.latency.connect)
+                self.world.connections[node.name] += 1
+                handle = self._hosts[node.name] = SimHostHandle(self.world, node)
+            return handle
+
+    def kube(self) -> SimKube:
+        return SimKube(self.world)
+
+    def etcd(self) -> SimEtcd:
+        return SimEtcd(self.world)
+
+    def clock(self) -> float:
+        return self.world.clock()
+
+    def sleep(self, seconds: float) -> None:
+        self.world.sleep(seconds)
+
+    def close(self) -> None:
+        self._hosts.clear()
+
+
+class SimulatedCerts:
+    """Certificate files for simulated hosts: a description of each requested certificate.
+
+    Simulated hosts check only that the files arrive; real key material comes from the PKI
+    (`lifecycle.pki`) on the SSH backend.
+    """
+
+    def files_for(self, node: str, certs: list[Any]) -> dict[str, bytes]:
+        files = {}
+        for cert in certs:
+            body = json.dumps(asdict(cert), sort_keys=True).encode()
+            files[f"/etc/kubernetes/ssl/{cert.name}.pem"] = body
+        return files

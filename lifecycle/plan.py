@@ -1,0 +1,452 @@
+"""The planner: a pure function from (current, desired) to an ordered, phased Plan.
+
+No I/O here: no sqlite, paramiko or docker. `Current` is what the store recorded (plus, later,
+what was observed on hosts); `Desired` is compiled from cluster.yml. The plan is a list of groups,
+each a set of per-node units run with a concurrency limit; groups run one after another, steps of a
+unit one after another. Constraints live here:
+
+* etcd members are started, changed and removed one at a time, adds before removals;
+* controlplane nodes change `max_unavailable_controlplane` at a time, worker-only nodes in a
+  sliding window of `max_unavailable_worker` (int or percent of worker-only nodes, rounded down,
+  at least 1, no hidden cap), nodes with the etcd role one at a time;
+* new nodes carry no workload, so they come up together;
+* an etcd removal that would leave fewer healthy members than a quorum is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lifecycle.errors import PlanError
+from lifecycle.spec import (
+    Desired,
+    NodeDesired,
+    NodeRef,
+    ServiceSpec,
+    canonical_json,
+    sha256_hex,
+)
+
+PHASES = ("certs", "etcd", "controlplane", "workers", "removals")
+NEW_NODE_STATES = ("absent", "certs")
+
+
+# ---------------------------------------------------------------------------- current state
+@dataclass(frozen=True)
+class CurrentService:
+    name: str
+    state: str
+    spec_hash: str = ""
+    image: str = ""
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CurrentNode:
+    name: str
+    address: str
+    internal_address: str
+    roles: tuple[str, ...]
+    state: str
+    certs_hash: str = ""
+    port: int = 22
+    user: str = ""
+    services: tuple[CurrentService, ...] = ()
+
+    def service(self, name: str) -> CurrentService | None:
+        return next((s for s in self.services if s.name == name), None)
+
+
+@dataclass(frozen=True)
+class Current:
+    """What the store says is on the cluster now (nodes sorted by name)."""
+
+    nodes: tuple[CurrentNode, ...] = ()
+    unreachable: tuple[str, ...] = ()  # observed before planning; empty when not observed
+
+    def node(self, name: str) -> CurrentNode | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever anything the planner reads changes: what a saved plan is checked by."""
+        return sha256_hex(canonical_json(asdict(self)))[:16]
+
+
+# ---------------------------------------------------------------------------- plan values
+@dataclass(frozen=True)
+class Step:
+    """One journaled effect on one node. `id` is unique within a plan and stable across plans."""
+
+    id: str
+    node: str
+    action: str
+    service: str = ""
+    spec: dict[str, Any] | None = None  # the ServiceSpec to run, for start/replace
+    old_image: str = ""
+    old_hash: str = ""
+    args_removed: tuple[str, ...] = ()
+    args_added: tuple[str, ...] = ()
+    detail: dict[str, Any] | None = None  # action-specific data (e.g. certificate requests)
+
+    @property
+    def service_spec(self) -> ServiceSpec:
+        assert self.spec is not None, f"step {self.id} carries no spec"
+        return ServiceSpec.from_dict(self.spec)
+
+    @property
+    def new_image(self) -> str:
+        return self.spec["image"] if self.spec else ""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The steps of one node inside one group, run in order."""
+
+    node: str
+    kind: str  # add | change | remove
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    phase: str
+    title: str
+    concurrency: int
+    units: tuple[Unit, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[Group, ...]
+    nodes: tuple[NodeRef, ...]
+    state_fingerprint: str
+    desired_fingerprint: str
+    cluster_name: str = "local"
+    kubernetes_version: str = ""
+    etcd_members: tuple[NodeRef, ...] = ()  # desired etcd membership, for bootstrap args
+    drain: bool = False
+    drain_options: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(s for g in self.groups for u in g.units for s in u.steps)
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+    def node_ref(self, name: str) -> NodeRef:
+        return next(n for n in self.nodes if n.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        def step(d: dict[str, Any]) -> Step:
+            return Step(
+                **{
+                    **d,
+                    "args_removed": tuple(d.get("args_removed", ())),
+                    "args_added": tuple(d.get("args_added", ())),
+                }
+            )
+
+        def ref(d: dict[str, Any]) -> NodeRef:
+            return NodeRef(**{**d, "roles": tuple(d["roles"])})
+
+        groups = tuple(
+            Group(
+                phase=g["phase"],
+                title=g["title"],
+                concurrency=int(g["concurrency"]),
+                units=tuple(
+                    Unit(u["node"], u["kind"], tuple(step(s) for s in u["steps"]))
+                    for u in g["units"]
+                ),
+            )
+            for g in data["groups"]
+        )
+        return cls(
+            groups=groups,
+            nodes=tuple(ref(n) for n in data["nodes"]),
+            state_fingerprint=data["state_fingerprint"],
+            desired_fingerprint=data["desired_fingerprint"],
+            cluster_name=data.get("cluster_name", "local"),
+            kubernetes_version=data.get("kubernetes_version", ""),
+            etcd_members=tuple(ref(n) for n in data.get("etcd_members", ())),
+            drain=bool(data.get("drain", False)),
+            drain_options=dict(data.get("drain_options", {})),
+            summary=dict(data.get("summary", {})),
+            warnings=tuple(data.get("warnings", ())),
+        )
+
+
+# ---------------------------------------------------------------------------- strategy
+_PERCENT = re.compile(r"^\s*(\d+)\s*%\s*$")
+
+
+def resolve_max_unavailable(value: str | int, total: int) -> int:
+    """RKE's rule: an int as given, a percent of `total` rounded down; never below 1."""
+    text = str(value).strip()
+    match = _PERCENT.match(text)
+    if match:
+        count = int(match.group(1)) * total // 100
+    else:
+        try:
+            count = int(text)
+        except ValueError as exc:
+            raise PlanError(f"max_unavailable {value!r} is neither a number nor a percent") from exc
+    return max(1, count)
+
+
+def quorum(members: int) -> int:
+    return members // 2 + 1
+
+
+# ---------------------------------------------------------------------------- the diff
+def _ref(node: NodeDesired | CurrentNode) -> NodeRef:
+    return NodeRef(
+        name=node.name,
+        address=node.address,
+        internal_address=node.internal_address,
+        port=node.port,
+        user=node.user,
+        roles=tuple(node.roles),
+    )
+
+
+def _is_new(cur: CurrentNode | None) -> bool:
+    return cur is None or cur.state in NEW_NODE_STATES
+
+
+def _service_steps(want: NodeDesired, cur: CurrentNode | None, names: list[str]) -> list[Step]:
+    """start/replace steps for the named services of one node, in the node's start order."""
+    steps: list[Step] = []
+    for spec in want.services:
+        if spec.name not in names:
+            continue
+        have = cur.service(spec.name) if cur else None
+        base = f"{want.name}:{spec.name}"
+        if have is None or have.state in ("absent", "certs") or not have.spec_hash:
+            steps.append(Step(f"{base}:start", want.name, "start", spec.name, spec.to_dict()))
+        elif have.spec_hash != spec.hash or have.state != "running":
+            old, new = set(have.args), set(spec.args)
+            steps.append(
+                Step(
+                    f"{base}:replace:{spec.hash}",
+                    want.name,
+                    "replace",
+                    spec.name,
+                    spec.to_dict(),
+                    old_image=have.image,
+                    old_hash=have.spec_hash,
+                    args_removed=tuple(sorted(old - new)) if have.args else (),
+                    args_added=tuple(sorted(new - old)) if have.args else (),
+                )
+            )
+    return steps
+
+
+def _dropped_services(want: NodeDesired, cur: CurrentNode | None, keep_etcd: bool) -> list[Step]:
+    if cur is None:
+        return []
+    wanted = {s.name for s in want.services}
+    return [
+        Step(f"{want.name}:{s.name}:remove", want.name, "remove-service", s.name, old_image=s.image)
+        for s in cur.services
+        if s.name not in wanted and (keep_etcd or s.name != "etcd")
+    ]
+
+
+def _node_unit(
+    want: NodeDesired, cur: CurrentNode | None, services: list[str], drain: bool
+) -> Unit | None:
+    """The unit that brings `services` of a node to desired, cordoning an existing node first."""
+    steps = _service_steps(want, cur, services) + [
+        s for s in _dropped_services(want, cur, keep_etcd=True) if s.service != "etcd"
+    ]
+    new = _is_new(cur)
+    needs_ready = new and "kubelet" in services
+    if not steps and not needs_ready and not (cur is not None and cur.state != "running"):
+        return None
+    name = want.name
+    if new:
+        return Unit(name, "add", tuple(steps) + (Step(f"{name}:ready", name, "wait-ready"),))
+    prefix = [Step(f"{name}:cordon", name, "cordon")]
+    if drain:
+        prefix.append(Step(f"{name}:drain", name, "drain"))
+    suffix = [Step(f"{name}:ready", name, "wait-ready"), Step(f"{name}:uncordon", name, "uncordon")]
+    return Unit(name, "change", tuple(prefix + steps + suffix))
+
+
+def _groups_for(
+    phase: str, label: str, units: list[Unit], window: int
+) -> list[Group]:
+    """New nodes together, then changed nodes `window` at a time."""
+    out: list[Group] = []
+    adds = [u for u in units if u.kind == "add"]
+    changes = [u for u in units if u.kind != "add"]
+    if adds:
+        out.append(Group(phase, f"{label}: {len(adds)} new, all at once", len(adds), tuple(adds)))
+    if changes:
+        title = f"{label}: {len(changes)} to change, at most {window} at a time"
+        out.append(Group(phase, title, window, tuple(changes)))
+    return out
+
+
+def _etcd_groups(desired: Desired, current: Current) -> list[Group]:
+    units: list[Unit] = []
+    # Existing members first, so a new member joins a cluster already at the desired version.
+    order = sorted(desired.etcd_nodes, key=lambda n: (_is_new(current.node(n.name)), n.name))
+    for want in order:
+        cur = current.node(want.name)
+        steps = _service_steps(want, cur, ["etcd"])
+        if not steps:
+            continue
+        kind = "change"
+        if steps[0].action == "start":
+            steps.insert(0, Step(f"{want.name}:etcd:join", want.name, "etcd-join", "etcd"))
+            kind = "add"
+        units.append(Unit(want.name, kind, tuple(steps)))
+    if not units:
+        return []
+    return [Group("etcd", f"etcd members: {len(units)}, one at a time", 1, tuple(units))]
+
+
+def _removal_groups(desired: Desired, current: Current, worker_window: int) -> list[Group]:
+    etcd_units: list[Unit] = []
+    other_units: list[Unit] = []
+    for cur in current.nodes:
+        want = desired.node(cur.name)
+        name = cur.name
+        if want is None:
+            steps: list[Step] = []
+            if cur.service("etcd"):
+                steps.append(Step(f"{name}:etcd:leave", name, "etcd-leave", "etcd"))
+            steps.append(Step(f"{name}:drain-out", name, "drain-out"))
+            steps.append(Step(f"{name}:delete-node", name, "delete-node"))
+            steps += [
+                Step(f"{name}:{s.name}:remove", name, "remove-service", s.name, old_image=s.image)
+                for s in cur.services
+            ]
+            steps.append(Step(f"{name}:forget", name, "forget-node"))
+            unit = Unit(name, "remove", tuple(steps))
+            (etcd_units if cur.service("etcd") else other_units).append(unit)
+        elif cur.service("etcd") and not want.has("etcd"):
+            steps = [
+                Step(f"{name}:etcd:leave", name, "etcd-leave", "etcd"),
+                Step(f"{name}:etcd:remove", name, "remove-service", "etcd", old_image=""),
+            ]
+            etcd_units.append(Unit(name, "change", tuple(steps)))
+    groups = []
+    if etcd_units:
+        title = f"etcd members to remove: {len(etcd_units)}, one at a time"
+        groups.append(Group("removals", title, 1, tuple(etcd_units)))
+    if other_units:
+        title = f"nodes to remove: {len(other_units)}, at most {worker_window} at a time"
+        groups.append(Group("removals", title, worker_window, tuple(other_units)))
+    return groups
+
+
+def _check_quorum(desired: Desired, current: Current) -> None:
+    """Refuse a plan whose etcd removals would, at any point, leave no healthy quorum."""
+    members = [n.name for n in current.nodes if n.service("etcd") and n.state != "absent"]
+    members += [n.name for n in desired.etcd_nodes if n.name not in members]
+    leaving = [m for m in members if (want := desired.node(m)) is None or not want.has("etcd")]
+    unhealthy = set(current.unreachable)
+    size = len(members)
+    healthy = size - len(unhealthy & set(members))
+    for name in leaving:
+        healthy_after = healthy - (0 if name in unhealthy else 1)
+        size -= 1
+        if size < 1 or healthy_after < quorum(size):
+            raise PlanError(
+                f"removing etcd member etcd-{name} would leave {healthy_after} healthy member(s) "
+                f"of {size}, below quorum ({quorum(size) if size else 1}); bring the unhealthy "
+                "members back first, or remove fewer etcd nodes in this change"
+            )
+        healthy = healthy_after if name not in unhealthy else healthy
+
+
+def _certs_group(desired: Desired, current: Current) -> list[Group]:
+    units = []
+    for want in desired.nodes:
+        cur = current.node(want.name)
+        if cur is None or cur.certs_hash != want.certs_hash or cur.state in ("absent", "failed"):
+            step = Step(
+                f"{want.name}:certs:{want.certs_hash}",
+                want.name,
+                "deliver-certs",
+                detail={"certs": [asdict(c) for c in want.certs], "certs_hash": want.certs_hash},
+            )
+            units.append(Unit(want.name, "add" if _is_new(cur) else "change", (step,)))
+    if not units:
+        return []
+    return [Group("certs", f"certificates: {len(units)} node(s)", len(units), tuple(units))]
+
+
+def diff(current: Current, desired: Desired) -> Plan:
+    """Plan every step that takes the cluster from `current` to `desired`, in safe order."""
+    _check_quorum(desired, current)
+    workers = [n for n in desired.nodes if n.group == "worker"]
+    cps = [n for n in desired.nodes if n.group == "controlplane"]
+    worker_window = resolve_max_unavailable(
+        desired.strategy.max_unavailable_worker, max(1, len(workers))
+    )
+    cp_window = resolve_max_unavailable(
+        desired.strategy.max_unavailable_controlplane, max(1, len(cps))
+    )
+    drain = desired.strategy.drain
+
+    def units(nodes: list[NodeDesired]) -> list[Unit]:
+        out = []
+        for want in nodes:
+            names = [s.name for s in want.services if s.name != "etcd"]
+            unit = _node_unit(want, current.node(want.name), names, drain)
+            if unit is not None:
+                out.append(unit)
+        return out
+
+    groups: list[Group] = []
+    groups += _certs_group(desired, current)
+    groups += _etcd_groups(desired, current)
+    groups += _groups_for("controlplane", "controlplane nodes", units(cps), cp_window)
+    etcd_only = [n for n in desired.nodes if n.group == "etcd"]
+    groups += _groups_for("workers", "etcd-only nodes", units(etcd_only), 1)
+    groups += _groups_for("workers", "worker nodes", units(workers), worker_window)
+    groups += _removal_groups(desired, current, worker_window)
+
+    refs = {n.name: _ref(n) for n in current.nodes}
+    refs.update({n.name: _ref(n) for n in desired.nodes})
+    plan_steps = [s for g in groups for u in g.units for s in u.steps]
+    summary = {
+        "add": sum(1 for s in plan_steps if s.action == "start"),
+        "change": sum(1 for s in plan_steps if s.action == "replace"),
+        "remove": sum(1 for s in plan_steps if s.action == "remove-service"),
+        "nodes_added": sum(1 for n in desired.nodes if _is_new(current.node(n.name))),
+        "nodes_removed": sum(1 for n in current.nodes if desired.node(n.name) is None),
+    }
+    return Plan(
+        groups=tuple(groups),
+        nodes=tuple(refs[k] for k in sorted(refs)),
+        state_fingerprint=current.fingerprint,
+        desired_fingerprint=desired.fingerprint,
+        cluster_name=desired.cluster_name,
+        kubernetes_version=desired.kubernetes_version,
+        etcd_members=tuple(_ref(n) for n in desired.etcd_nodes),
+        drain=drain,
+        drain_options={
+            "force": desired.strategy.drain_force,
+            "ignore_daemonsets": desired.strategy.drain_ignore_daemonsets,
+            "delete_local_data": desired.strategy.drain_delete_local_data,
+            "grace_period": desired.strategy.drain_grace_period,
+            "timeout": desired.strategy.drain_timeout,
+        },
+        summary=summary,
+    )

@@ -1,0 +1,254 @@
+"""What the commands do, below the CLI: load, plan, apply under the lock, resume, rehearse.
+
+Each function takes the store and backend it works on explicitly; nothing here prints. The CLI
+(`lifecycle.cli`) renders results and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lifecycle.config import LoadedConfig, load_config
+from lifecycle.desired import compile_desired
+from lifecycle.errors import (
+    LockHeldError,
+    ResumeRequiredError,
+    StalePlanError,
+    StateError,
+)
+from lifecycle.executor import CertRenderer, Executor, Observer, RunResult
+from lifecycle.hosts import Backend
+from lifecycle.hosts.simulated import SimContainer, SimWorld
+from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff
+from lifecycle.spec import Desired
+from store import LockHeld, SetMeta, Store, StoreError, default_state_path
+
+CRASH_ENV = "RKEL_CRASH_AFTER_JOURNAL_WRITES"  # test-only: SIGKILL self after the Nth journal write
+
+
+def crash_hook_from_env() -> Callable[[int], None] | None:
+    """The test-only crash switch: with RKEL_CRASH_AFTER_JOURNAL_WRITES=N, die right after the
+    Nth journal write of this process, as a kill -9 would."""
+    value = os.environ.get(CRASH_ENV, "").strip()
+    if not value:
+        return None
+    limit = int(value)
+
+    def hook(count: int) -> None:
+        if count >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def open_store(state: Path | None, config: Path) -> Store:
+    """Open (creating if needed) the state database for `config`."""
+    path = state or default_state_path(config)
+    try:
+        return Store.open(path, after_journal_write=crash_hook_from_env())
+    except StoreError as exc:
+        raise StateError(f"{path}: {exc}") from exc
+
+
+def current_state(store: Store) -> Current:
+    """What the store records now, as the planner's input."""
+    services: dict[str, list[CurrentService]] = {}
+    for s in store.services():
+        services.setdefault(s.node, []).append(
+            CurrentService(
+                name=s.name,
+                state=s.state,
+                spec_hash=s.spec_hash or "",
+                image=s.image or "",
+                args=tuple(s.spec.get("args", ())),
+            )
+        )
+    nodes = tuple(
+        CurrentNode(
+            name=n.name,
+            address=n.address,
+            internal_address=n.internal_address,
+            roles=tuple(n.roles),
+            state=n.state,
+            certs_hash=n.certs_hash or "",
+            port=n.port,
+            user=n.user,
+            services=tuple(sorted(services.get(n.name, []), key=lambda s: s.name)),
+        )
+        for n in store.nodes()
+    )
+    return Current(nodes=nodes)
+
+
+@dataclass(frozen=True)
+class Planned:
+    loaded: LoadedConfig
+    desired: Desired
+    current: Current
+    plan: Plan
+
+
+def make_plan(config: Path, store: Store) -> Planned:
+    loaded = load_config(config)
+    desired = compile_desired(loaded.config)
+    current = current_state(store)
+    return Planned(loaded, desired, current, diff(current, desired))
+
+
+def check_fresh(plan: Plan, store: Store) -> None:
+    """Refuse a saved plan computed from a state that has changed since."""
+    now = current_state(store).fingerprint
+    if now != plan.state_fingerprint:
+        raise StalePlanError(
+            f"the saved plan was made from state {plan.state_fingerprint}, but the state is now "
+            f"{now} (another run changed the cluster); run `rkel plan` again and review it"
+        )
+
+
+def _lock(store: Store, command: str) -> str | None:
+    try:
+        stale = store.acquire_lock(None, command)
+    except LockHeld as held:
+        raise LockHeldError(
+            f"another rkel run holds the lock on {store.path}: pid {held.pid} on {held.hostname}, "
+            f"started {held.started_at} ({held.command}); wait for it to finish. If that process "
+            "is gone for good (another machine), remove it with `rkel state unlock`"
+        ) from held
+    if stale is None:
+        return None
+    return f"took over the lock of pid {stale.pid} (started {stale.started_at}), which is gone"
+
+
+def apply_plan(
+    store: Store,
+    backend: Backend,
+    plan: Plan,
+    certs: CertRenderer,
+    *,
+    command: str,
+    resume: bool = False,
+    workers: int = 8,
+    observer: Observer | None = None,
+    desired: Desired | None = None,
+    notices: list[str] | None = None,
+) -> RunResult:
+    """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
+    when the run ends, whatever the outcome."""
+    notice = _lock(store, command)
+    if notice and notices is not None:
+        notices.append(notice)
+    try:
+        unfinished = store.unfinished_run()
+        if resume:
+            if unfinished is None:
+                raise ResumeRequiredError(
+                    "there is no interrupted run to resume; run `rkel apply` to start one"
+                )
+            run = store.resume_run(unfinished.id)
+            plan = Plan.from_dict(run.plan)
+            run_id = run.id
+        else:
+            if unfinished is not None:
+                raise ResumeRequiredError(
+                    f"run {unfinished.id} ({unfinished.kind}, started {unfinished.started_at}) "
+                    "was interrupted; continue it with `rkel apply --resume`"
+                )
+            check_fresh(plan, store)
+            run_id = store.start_run("apply", plan.to_dict(), plan.state_fingerprint, command)
+        store.set_lock_run(run_id)
+        executor = Executor(store, backend, certs, workers=workers, observer=observer)
+        result = executor.run(run_id, plan)
+        if desired is not None and not resume:
+            store.apply_ops(
+                [
+                    SetMeta("cluster_name", desired.cluster_name),
+                    SetMeta("kubernetes_version", desired.kubernetes_version),
+                    SetMeta("desired_fingerprint", desired.fingerprint),
+                ]
+            )
+        return result
+    finally:
+        store.release_lock()
+
+
+# ---------------------------------------------------------------------------- rehearsal
+def world_from_current(current: Current) -> SimWorld:
+    """A simulated copy of the cluster as the store records it."""
+    world = SimWorld()
+    for node in current.nodes:
+        host = world._host(node.name)
+        host.roles = list(node.roles)
+        for svc in node.services:
+            if svc.spec_hash:
+                host.containers[svc.name] = SimContainer(
+                    svc.name, svc.image, svc.spec_hash, svc.state != "failed", list(svc.args)
+                )
+        kubelet = node.service("kubelet")
+        if kubelet is not None and kubelet.spec_hash:
+            world.kube_nodes[node.name] = {
+                "schedulable": node.state not in ("draining", "upgraded"),
+                "version": kubelet.image.rsplit(":", 1)[-1],
+            }
+        if node.service("etcd") is not None and node.service("etcd").spec_hash:  # type: ignore[union-attr]
+            world.etcd[f"etcd-{node.name}"] = {
+                "peer_url": f"https://{node.internal_address}:2380",
+                "learner": False,
+            }
+    return world
+
+
+def _copy_store(store: Store, into: Path) -> Store:
+    """A copy of the state database, taken with SQLite's online backup (WAL-safe)."""
+    src = sqlite3.connect(str(store.path))
+    dst = sqlite3.connect(str(into))
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return Store.open(into)
+
+
+@dataclass
+class Rehearsal:
+    result: RunResult
+    world: SimWorld
+    seconds: float  # simulated wall time, honouring each group's concurrency
+    order: list[str]  # step ids in the order they completed
+
+
+def rehearse(store: Store, plan: Plan, certs: CertRenderer, *, workers: int = 8,
+             observer: Observer | None = None) -> Rehearsal:
+    """Run `plan` against a simulated copy of the cluster and a throwaway copy of the state."""
+    world = world_from_current(current_state(store))
+    tmp = Path(tempfile.mkdtemp(prefix="rkel-rehearsal-"))
+    try:
+        copy = _copy_store(store, tmp / "state.db")
+        try:
+            backend = world.backend()
+            run_id = copy.start_run("rehearsal", plan.to_dict(), plan.state_fingerprint, "rehearsal")
+            result = Executor(copy, backend, certs, workers=workers, observer=observer).run(run_id, plan)
+            order = [r.step_id for r in copy.journal(run_id) if r.phase == "done"]
+        finally:
+            copy.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = sum(
+        makespan(result.unit_seconds.get(g.title, []), g.concurrency) for g in plan.groups
+    )
+    return Rehearsal(result, world, seconds, order)
+
+
+def makespan(durations: list[float], window: int) -> float:
+    """Wall time of running `durations` in order through a sliding window of `window` slots."""
+    slots = [0.0] * max(1, min(window, len(durations) or 1))
+    for d in durations:
+        i = slots.index(min(slots))
+        slots[i] += d
+    return max(slots) if durations else 0.0

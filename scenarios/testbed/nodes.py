@@ -1,0 +1,283 @@
+"""Testbed hosts: keys, SSH users, per-host directories, and starting/stopping sshd + dockerd.
+
+A host is `nsenter --net=/run/netns/rknI unshare -m -u --propagation private sh node.sh`, started
+as a session leader (its pid is its process group). node.sh bind-mounts the host's own /run,
+/etc/kubernetes, /var/lib/etcd and /opt/rke, then runs dockerd and sshd (TESTBED.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from network import PRIVATE_NET, PUBLIC_NET, Host
+from procs import (ProcRecord, TestbedError, cgroup_pids, kill_pids, launch, log, netns_pids,
+                   record_of, remove_cgroups, run, signal_record, wait_gone)
+
+DOCKER_CLI = "/usr/bin/docker"  # Debian's CLI, the same release as the hosts' engines
+BIND_DIRS = {"etc-kubernetes": "/etc/kubernetes", "var-lib-etcd": "/var/lib/etcd", "opt-rke": "/opt/rke"}
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """Where the testbed keeps its keys, host directories, registry storage and state file."""
+
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def client_key(self) -> Path:
+        return self.keys / "id_ed25519"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.keys / "authorized_keys"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    def host_key(self, host: Host) -> Path:
+        return self.keys / f"host_{host.name}_ed25519"
+
+    def host_dir(self, host: Host) -> Path:
+        return self.root / f"n{host.index}"
+
+    def docker_sock(self, host: Host) -> Path:
+        return self.host_dir(host) / "run" / "docker.sock"
+
+
+def ensure_keys(sd: StateDir, hosts: list[Host]) -> None:
+    """Generate the client key pair and each host's host key once; rewrite authorized_keys."""
+    sd.keys.mkdir(parents=True, exist_ok=True)
+    os.chmod(sd.keys, 0o700)
+    wanted = [(sd.client_key, "rkel-testbed-client")] + [(sd.host_key(h), h.name) for h in hosts]
+    for path, comment in wanted:
+        if not path.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    sd.authorized_keys.write_text(Path(f"{sd.client_key}.pub").read_text())
+    os.chmod(sd.authorized_keys, 0o600)
+
+
+def write_known_hosts(sd: StateDir, hosts: list[Host]) -> Path:
+    """A known_hosts file naming every address of every host with its host key."""
+    lines = []
+    for host in hosts:
+        key = " ".join(Path(f"{sd.host_key(host)}.pub").read_text().split()[:2])
+        lines += [f"{link.address} {key}" for link in host.links]
+    path = sd.root / "known_hosts"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ensure_user(name: str, pubkey: Path) -> None:
+    """Create (or complete) the non-root SSH user: group docker, unlocked, key authorized."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "-m", "-s", "/bin/bash", "-G", "docker", name])
+    run(["usermod", "-a", "-G", "docker", name])
+    shadow = run(["getent", "shadow", name]).stdout.split(":")
+    if len(shadow) > 1 and shadow[1].startswith("!"):
+        # sshd (UsePAM no) refuses a locked account; '*' = no password, but not locked.
+        run(["usermod", "-p", "*", name])
+    entry = pwd.getpwnam(name)
+    ssh_dir = Path(entry.pw_dir) / ".ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    auth = ssh_dir / "authorized_keys"
+    auth.write_text(pubkey.read_text())
+    for path, mode in ((ssh_dir, 0o700), (auth, 0o600)):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chmod(path, mode)
+
+
+def prepare_host(sd: StateDir, host: Host, wipe: bool) -> None:
+    """Create (after wiping, if asked) the host's directories, sshd_config, daemon.json, node.sh."""
+    hdir = sd.host_dir(host)
+    if wipe and hdir.exists():
+        shutil.rmtree(hdir)
+    for sub in ["run", "docker", *BIND_DIRS]:
+        (hdir / sub).mkdir(parents=True, exist_ok=True)
+    (hdir / "sshd_config").write_text(sshd_config(sd, host))
+    (hdir / "daemon.json").write_text("{}\n")  # keep the machine's /etc/docker/daemon.json out
+    (hdir / "node.sh").write_text(node_script(sd, host))
+
+
+def sshd_config(sd: StateDir, host: Host) -> str:
+    """sshd_config of a host: key-only logins, root by key, TCP forwarding for bastion use."""
+    return "\n".join([
+        "# rkel testbed host " + host.name + " (generated)",
+        "Port 22",
+        f"HostKey {sd.host_key(host)}",
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        "PidFile none",
+        "StrictModes no",
+        f"AuthorizedKeysFile {sd.authorized_keys} .ssh/authorized_keys",
+        "AllowTcpForwarding yes",
+        "PrintMotd no",
+        "Subsystem sftp internal-sftp",
+        "",
+    ])
+
+
+def node_script(sd: StateDir, host: Host) -> str:
+    """The host's init: private mounts, then dockerd and sshd as children, waited for."""
+    h = shlex.quote(str(sd.host_dir(host)))
+    binds = "\n".join(f"mount --bind {h}/{src} {dst}" for src, dst in BIND_DIRS.items())
+    dockerd = " ".join([
+        "dockerd", f"--config-file {h}/daemon.json", f"--data-root {h}/docker",
+        "-H unix:///run/docker.sock", "--bridge=none", "--iptables=false", "--ip-masq=false",
+        "--exec-root /run/docker-exec", "--pidfile /run/docker.pid", f"--cgroup-parent={host.name}",
+        f"--insecure-registry {PUBLIC_NET}.0/24", f"--insecure-registry {PRIVATE_NET}.0/24",
+    ])
+    return f"""#!/bin/sh
+# rkel testbed host {host.name} (generated): runs inside its own net, mount and UTS namespaces.
+set -e
+hostname {host.name}
+mkdir -p {" ".join(BIND_DIRS.values())}
+mount --bind {h}/run /run
+mkdir -p /run/sshd
+chmod 0755 /run/sshd
+{binds}
+{dockerd} >>{h}/dockerd.log 2>&1 &
+/usr/sbin/sshd -D -e -f {h}/sshd_config >>{h}/sshd.log 2>&1 &
+wait
+"""
+
+
+def start_host(sd: StateDir, host: Host) -> ProcRecord:
+    """Launch the host's node.sh in its namespaces; returns the session leader's record."""
+    hdir = sd.host_dir(host)
+    for stale in ("docker.pid", "docker.sock"):
+        (hdir / "run" / stale).unlink(missing_ok=True)
+    cmd = ["nsenter", f"--net={host.netns}", "unshare", "-m", "-u", "--propagation", "private",
+           "/bin/sh", str(hdir / "node.sh")]
+    return launch(cmd, hdir / "node.log")
+
+
+def dockerd_record(sd: StateDir, host: Host) -> ProcRecord | None:
+    """The host's dockerd from its pid file, only if that pid lives in the host's namespace."""
+    try:
+        pid = int((sd.host_dir(host) / "run" / "docker.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid not in netns_pids(host.netns):
+        return None
+    return record_of(pid)
+
+
+_BANNER_PROBE = (
+    "import socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],22),timeout=float(sys.argv[2]))\n"
+    "s.settimeout(float(sys.argv[2]))\n"
+    "print(s.recv(256).decode(errors='replace').strip())\n"
+)
+
+
+def ssh_banner(host: Host, via: Host | None = None, timeout: float = 2.0) -> str | None:
+    """sshd's banner on host:22, probed from the machine or from inside the bastion `via`."""
+    if via is None:
+        try:
+            with socket.create_connection((host.address, 22), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                banner = sock.recv(256).decode(errors="replace").strip()
+        except OSError:
+            return None
+    else:
+        cmd = ["nsenter", f"--net={via.netns}", sys.executable, "-c", _BANNER_PROBE,
+               host.address, str(timeout)]
+        try:
+            banner = run(cmd, check=False, timeout=timeout + 10).stdout.strip()
+        except TestbedError:
+            return None
+    return banner if banner.startswith("SSH-") else None
+
+
+def docker_info(sd: StateDir, host: Host, timeout: float = 10) -> dict | None:
+    """`docker info` of the host's engine through its socket, or None when it does not answer."""
+    sock = sd.docker_sock(host)
+    if not sock.exists():
+        return None
+    cmd = [DOCKER_CLI, "-H", f"unix://{sock}", "info", "--format", "{{json .}}"]
+    try:
+        res = run(cmd, check=False, timeout=timeout)
+    except TestbedError:
+        return None
+    if res.returncode != 0:
+        return None
+    try:
+        info = json.loads(res.stdout)
+    except ValueError:
+        return None
+    return None if info.get("ServerErrors") else info
+
+
+def wait_ready(sd: StateDir, hosts: list[Host], via: Host | None, timeout: float = 120) -> None:
+    """Wait until every host's sshd answers on port 22 and its dockerd answers `docker info`."""
+    pending = list(hosts)
+    deadline = time.monotonic() + timeout
+    while pending:
+        pending = [h for h in pending
+                   if ssh_banner(h, via if h.private else None) is None or docker_info(sd, h) is None]
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            names = ", ".join(f"{h.name} (see {sd.host_dir(h)}/*.log)" for h in pending)
+            raise TestbedError(f"hosts not ready after {timeout:.0f}s: {names}")
+        time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class HostProcs:
+    """What the testbed recorded for a running host: node.sh (session leader) and dockerd."""
+
+    leader: ProcRecord | None = None
+    dockerd: ProcRecord | None = None
+
+
+def stop_hosts(sd: StateDir, entries: list[tuple[Host, HostProcs]], graceful: bool = True,
+               timeout: float = 30) -> None:
+    """Stop hosts: SIGTERM dockerd (graceful), wait, then SIGKILL the rest of each host.
+
+    The rest = processes in the host's cgroups (containers), its process group (node.sh, sshd)
+    and its network namespace (containerd, shims, SSH sessions: they left the process group).
+    """
+    dockerds = [dockerd_record(sd, host) or procs.dockerd for host, procs in entries]
+    if graceful:
+        for rec in dockerds:
+            signal_record(rec, signal.SIGTERM)
+        if not wait_gone(dockerds, timeout):
+            log(f"a dockerd did not stop within {timeout:.0f}s; killing it")
+    deadline = time.monotonic() + 10
+    while True:
+        left = 0
+        for host, procs in entries:
+            left += kill_pids(cgroup_pids(host.name))
+            signal_record(procs.dockerd, signal.SIGKILL)
+            signal_record(procs.leader, signal.SIGKILL, group=True)
+            left += kill_pids(netns_pids(host.netns))
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.3)
+    wait_gone([p for _, procs in entries for p in (procs.leader, procs.dockerd)], 5)
+    for host, _ in entries:
+        remove_cgroups(host.name)
