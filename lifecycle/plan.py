@@ -319,9 +319,10 @@ def _etcd_groups(desired: Desired, current: Current) -> list[Group]:
     return [Group("etcd", f"etcd members: {len(units)}, one at a time", 1, tuple(units))]
 
 
-def _removal_groups(desired: Desired, current: Current, worker_window: int) -> list[Group]:
-    etcd_units: list[Unit] = []
-    other_units: list[Unit] = []
+def _removal_groups(desired: Desired, current: Current, windows: dict[str, int]) -> list[Group]:
+    """Nodes leaving (and etcd roles dropped): etcd members one at a time, others by their
+    group's window, since a node being removed is drained first."""
+    by_group: dict[str, list[Unit]] = {"etcd": [], "controlplane": [], "worker": []}
     for cur in current.nodes:
         want = desired.node(cur.name)
         name = cur.name
@@ -336,21 +337,28 @@ def _removal_groups(desired: Desired, current: Current, worker_window: int) -> l
                 for s in cur.services
             ]
             steps.append(Step(f"{name}:forget", name, "forget-node"))
-            unit = Unit(name, "remove", tuple(steps))
-            (etcd_units if cur.service("etcd") else other_units).append(unit)
+            if cur.service("etcd"):
+                group = "etcd"
+            else:
+                group = "controlplane" if "controlplane" in cur.roles else "worker"
+            by_group[group].append(Unit(name, "remove", tuple(steps)))
         elif cur.service("etcd") and not want.has("etcd"):
             steps = [
                 Step(f"{name}:etcd:leave", name, "etcd-leave", "etcd"),
                 Step(f"{name}:etcd:remove", name, "remove-service", "etcd", old_image=""),
             ]
-            etcd_units.append(Unit(name, "change", tuple(steps)))
+            by_group["etcd"].append(Unit(name, "change", tuple(steps)))
     groups = []
-    if etcd_units:
-        title = f"etcd members to remove: {len(etcd_units)}, one at a time"
-        groups.append(Group("removals", title, 1, tuple(etcd_units)))
-    if other_units:
-        title = f"nodes to remove: {len(other_units)}, at most {worker_window} at a time"
-        groups.append(Group("removals", title, worker_window, tuple(other_units)))
+    titles = {"etcd": "etcd members to remove", "controlplane": "controlplane nodes to remove",
+              "worker": "nodes to remove"}
+    for key in ("etcd", "controlplane", "worker"):
+        units = by_group[key]
+        if units:
+            window = 1 if key == "etcd" else windows[key]
+            title = f"{titles[key]}: {len(units)}, " + (
+                "one at a time" if window == 1 else f"at most {window} at a time"
+            )
+            groups.append(Group("removals", title, window, tuple(units)))
     return groups
 
 
@@ -420,7 +428,9 @@ def diff(current: Current, desired: Desired) -> Plan:
     etcd_only = [n for n in desired.nodes if n.group == "etcd"]
     groups += _groups_for("workers", "etcd-only nodes", units(etcd_only), 1)
     groups += _groups_for("workers", "worker nodes", units(workers), worker_window)
-    groups += _removal_groups(desired, current, worker_window)
+    groups += _removal_groups(
+        desired, current, {"worker": worker_window, "controlplane": cp_window}
+    )
 
     refs = {n.name: _ref(n) for n in current.nodes}
     refs.update({n.name: _ref(n) for n in desired.nodes})

@@ -36,7 +36,7 @@ class ConfigIssue:
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A valid cluster.yml: the typed config, what RKE would have ignored, and where it came from."""
+    """A valid cluster.yml: the typed config, what RKE would have ignored, and its source."""
 
     config: ClusterConfig
     warnings: tuple[ConfigIssue, ...]

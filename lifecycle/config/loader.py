@@ -26,7 +26,7 @@ from lifecycle.config import model
 from lifecycle.config.issues import ConfigIssue, LoadedConfig
 from lifecycle.config.schema import CLUSTER
 from lifecycle.config.validate import Locator, validate
-from lifecycle.config.walk import INVALID, LimitExceeded, Walker, describe
+from lifecycle.config.walk import INVALID, LimitExceeded, Walker, describe, is_null
 from lifecycle.errors import ConfigError
 
 MAX_BYTES = 10 * 1024 * 1024  # the largest real file is ~25 KB; anything this big is a mistake
@@ -42,13 +42,17 @@ def load_config(path: str | Path) -> LoadedConfig:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise _fail(source, f"file not found: {source}; pass the path of your cluster.yml") from None
+        raise _fail(
+            source, f"file not found: {source}; pass the path of your cluster.yml"
+        ) from None
     except IsADirectoryError:
-        raise _fail(source, f"{source} is a directory; pass the path of the cluster.yml file") from None
+        raise _fail(
+            source, f"{source} is a directory; pass the path of the cluster.yml file"
+        ) from None
     except OSError as exc:
         raise _fail(source, f"cannot read {source}: {exc.strerror or exc}") from None
     if len(data) > MAX_BYTES:
-        raise _fail(source, f"the file is {len(data)} bytes; a cluster.yml over {MAX_BYTES} is refused")
+        raise _fail(source, f"the file is {len(data)} bytes; a cluster.yml over 10 MB is refused")
     try:
         text = data.decode("utf-8-sig")  # a leading BOM is harmless; drop it
     except UnicodeDecodeError as exc:
@@ -71,15 +75,21 @@ def load_config(path: str | Path) -> LoadedConfig:
 def load_config_text(text: str, source: str = "cluster.yml") -> LoadedConfig:
     """Load and check cluster.yml content; `source` names it in messages."""
     if len(text) > MAX_BYTES:
-        raise _fail(source, f"the text is {len(text)} characters; a cluster.yml over {MAX_BYTES} is refused")
+        raise _fail(
+            source, f"the text is {len(text)} characters; a cluster.yml over 10 MB is refused"
+        )
     warnings: list[ConfigIssue] = []
     root = _compose(text, source, warnings)
     walker = Walker(max_nodes=MAX_NODES, max_depth=MAX_DEPTH)
     walker.lines[""] = 1
-    if root is None:
+    if root is None or is_null(root):
         raise _fail(source, "the file is empty: it needs at least a `nodes:` list", line=1)
     if not isinstance(root, MappingNode):
-        raise _fail(source, f"the top level must be a mapping of keys (nodes:, services:, ...), found {describe(root)}", line=int(root.start_mark.line) + 1)
+        raise _fail(
+            source,
+            f"the top level must be a mapping (nodes:, services:, ...), found {describe(root)}",
+            line=int(root.start_mark.line) + 1,
+        )
     try:
         raw = walker.walk(root, CLUSTER, "")
     except LimitExceeded as exc:

@@ -3,7 +3,8 @@
 Taken from rancher/rke `types/rke_types.go` (the `yaml:` tags; where a field has only a `json:` tag
 RKE's yaml.v2 reads the lower-cased Go field name, and where RKE re-parses a section through JSON
 the json name is accepted too). The walker (`lifecycle.config.walk`) checks a file against this
-tree; nothing here runs any logic.
+tree; nothing here runs any logic. `LEGACY`, at the end, is the table of keys RKE ignores; each
+`Struct` names its row.
 
 Sub-trees that are Kubernetes API objects (update strategies, extra volumes, audit policies,
 admission plugin configurations, cloud provider configs) are `FREE`: rkel hands them on as given.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TypeAlias
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Free:
 
 @dataclass(frozen=True)
 class Legacy:
-    """A key RKE ignores (or used to spell differently) that real files carry: a warning, not an error."""
+    """A key RKE ignores (or once spelled differently) that real files carry: a warning only."""
 
     message: str  # what RKE did with it
     hint: str = ""  # what the user probably wants
@@ -64,7 +65,7 @@ class Struct:
     legacy: str = ""  # the row of LEGACY that lists the ignored keys of this struct
 
 
-Spec = Union[Scalar, Seq, MapOf, Struct, Free]
+Spec: TypeAlias = Scalar | Seq | MapOf | Struct | Free
 
 STR = Scalar("str")
 SECRET = Scalar("str", secret=True)
@@ -102,9 +103,7 @@ def _gone_image(what: str) -> Legacy:
 
 
 TOLERATIONS = Seq(
-    Struct(
-        {"key": STR, "operator": STR, "value": STR, "effect": STR, "tolerationSeconds": INT}
-    )
+    Struct({"key": STR, "operator": STR, "value": STR, "effect": STR, "tolerationSeconds": INT})
 )
 
 BASE_SERVICE: dict[str, Spec] = {
@@ -381,9 +380,7 @@ CLUSTER = Struct(
         "authentication": AUTHENTICATION,
         "addons": STR,
         "addons_include": STR_LIST,
-        "system_images": Struct(
-            {key: STR for key in SYSTEM_IMAGE_KEYS}, legacy="system_images"
-        ),
+        "system_images": Struct({key: STR for key in SYSTEM_IMAGE_KEYS}, legacy="system_images"),
         "ssh_key_path": STR,
         "ssh_cert_path": STR,
         "ssh_agent_auth": BOOL,

@@ -76,7 +76,9 @@ class _Report:
         return self.locator.where(path)[1]
 
 
-def validate(config: ClusterConfig, locator: Locator) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
+def validate(
+    config: ClusterConfig, locator: Locator
+) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
     """(errors, warnings) for `config`; paths and lines come from `locator`."""
     report = _Report(locator)
     _check_nodes(config, report)
@@ -91,15 +93,14 @@ def _close(word: str, choices: tuple[str, ...]) -> str:
     return f"did you mean `{match[0]}`?" if match else ""
 
 
+_FILL_HINT = "fill in the template (e.g. with envsubst) before running rkel"
+
+
 def _placeholders(report: _Report, path: str, value: str) -> bool:
     """Warn about `$ip0`-style template variables left in a value; True if there were any."""
     found = _PLACEHOLDER.search(value)
     if found:
-        report.warn(
-            path,
-            f"`{value}` looks like an unfilled template placeholder ({found.group(0)})",
-            hint="fill in the template (e.g. with envsubst) before running rkel",
-        )
+        report.warn(path, f"`{value}` looks like an unfilled template placeholder", _FILL_HINT)
     return bool(found)
 
 
@@ -147,20 +148,27 @@ def _check_node(node: Node, i: int, report: _Report) -> None:
     here = f"nodes[{i}]"
     number = i + 1  # RKE counts hosts from 1 in its messages
     if not node.address:
-        report.error(here, f"host ({number}) has no `address`: add the IP or DNS name rkel should SSH to")
-    else:
-        _placeholders(report, f"{here}.address", node.address)
+        report.error(
+            here, f"host ({number}) has no `address`: add the IP or DNS name rkel should SSH to"
+        )
     if not node.user:
         report.error(
             here,
             f"User for host ({number}) is not provided: add `user: <ssh user>` to this node",
         )
-    else:
-        _placeholders(report, f"{here}.user", node.user)
-    for key in ("internal_address", "hostname_override", "ssh_key_path"):
-        value = getattr(node, key)
-        if value:
-            _placeholders(report, f"{here}.{key}", value)
+    # Template files (rancher/rancher's test clusters) leave `$ip0`-style variables: one
+    # warning per node, at the first one, keeps the list readable.
+    templated = [
+        (key, getattr(node, key))
+        for key in ("address", "internal_address", "hostname_override", "user", "ssh_key_path")
+        if _PLACEHOLDER.search(getattr(node, key))
+    ]
+    if templated:
+        shown = ", ".join(f"{key} `{value}`" for key, value in templated)
+        verb = "looks like an unfilled template placeholder"
+        if len(templated) > 1:
+            verb = "look like unfilled template placeholders"
+        report.warn(f"{here}.{templated[0][0]}", f"{shown}: {verb}", _FILL_HINT)
     if not node.role:
         report.error(
             f"{here}.role" if report.locator.given(f"{here}.role") else here,
@@ -199,9 +207,13 @@ def _check_cluster_roles(config: ClusterConfig, report: _Report) -> None:
             if not getattr(etcd, key):
                 report.error(f"services.etcd.{key}", f"external etcd needs `{key}`")
     elif not config.nodes_with("etcd"):
-        report.error("nodes", "no node has the `etcd` role: give at least one node `etcd` (3 for HA)")
+        report.error(
+            "nodes", "no node has the `etcd` role: give at least one node `etcd` (3 for HA)"
+        )
     if not config.nodes_with("controlplane"):
-        report.error("nodes", "no node has the `controlplane` role: give at least one node `controlplane`")
+        report.error(
+            "nodes", "no node has the `controlplane` role: give at least one node `controlplane`"
+        )
 
 
 def _check_cidr(report: _Report, path: str, value: str) -> None:
@@ -215,13 +227,21 @@ def _check_cidr(report: _Report, path: str, value: str) -> None:
             report.error(path, f"`{part}` is not a CIDR range like 10.43.0.0/16")
             return
     if len(parts) > 2 or len(families) != len(parts):
-        report.error(path, f"`{value}`: give one CIDR, or one IPv4 and one IPv6 CIDR for dual-stack")
+        report.error(
+            path, f"`{value}`: give one CIDR, or one IPv4 and one IPv6 CIDR for dual-stack"
+        )
 
 
 def _check_services(config: ClusterConfig, report: _Report) -> None:
     services = config.services
-    _check_cidr(report, "services.kube-api.service_cluster_ip_range", services.kube_api.service_cluster_ip_range)
-    _check_cidr(report, "services.kube-controller.cluster_cidr", services.kube_controller.cluster_cidr)
+    _check_cidr(
+        report,
+        "services.kube-api.service_cluster_ip_range",
+        services.kube_api.service_cluster_ip_range,
+    )
+    _check_cidr(
+        report, "services.kube-controller.cluster_cidr", services.kube_controller.cluster_cidr
+    )
     _check_cidr(
         report,
         "services.kube-controller.service_cluster_ip_range",
@@ -236,8 +256,13 @@ def _check_services(config: ClusterConfig, report: _Report) -> None:
     path = "services.kube-api.service_node_port_range"
     value = services.kube_api.service_node_port_range
     low, _, high = value.partition("-")
-    if not (low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) < int(high) <= 65535):
-        report.error(path, f"`{value}` is not a port range: use `A-B` with 1 <= A < B <= 65535, e.g. 30000-32767")
+    if not (
+        low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) < int(high) <= 65535
+    ):
+        report.error(
+            path,
+            f"`{value}` is not a port range: use `A-B` with 1 <= A < B <= 65535, e.g. 30000-32767",
+        )
 
     backup = services.etcd.backup_config
     if backup is not None and backup.s3backupconfig is not None:
@@ -252,10 +277,7 @@ def _check_services(config: ClusterConfig, report: _Report) -> None:
 def _check_unavailable(report: _Report, path: str, value: str) -> None:
     text = value.strip()
     percent = _PERCENT.fullmatch(text)
-    if percent:
-        ok = 1 <= int(percent.group(1)) <= 100
-    else:
-        ok = text.isdigit() and int(text) >= 1
+    ok = 1 <= int(percent.group(1)) <= 100 if percent else text.isdigit() and int(text) >= 1
     if not ok:
         report.error(path, f"`{value}` is not a node count (>= 1) or a percentage from 1% to 100%")
 
@@ -283,18 +305,21 @@ def _check_cluster(config: ClusterConfig, report: _Report) -> None:
             f"unknown authentication strategy `{strategy}` (valid: x509, or x509|webhook)",
         )
     version = config.kubernetes_version
-    if version and not _placeholders(report, "kubernetes_version", version):
-        if not _VERSION.fullmatch(version):
-            report.error(
-                "kubernetes_version",
-                f"`{version}` is not a Kubernetes version like v1.30.5-rancher1-1",
-            )
+    templated = bool(version) and _placeholders(report, "kubernetes_version", version)
+    if version and not templated and not _VERSION.fullmatch(version):
+        report.error(
+            "kubernetes_version", f"`{version}` is not a Kubernetes version like v1.30.5-rancher1-1"
+        )
     if config.ssh_key_path:
         _placeholders(report, "ssh_key_path", config.ssh_key_path)
     strategy_ = config.upgrade_strategy
-    _check_unavailable(report, "upgrade_strategy.max_unavailable_worker", strategy_.max_unavailable_worker)
     _check_unavailable(
-        report, "upgrade_strategy.max_unavailable_controlplane", strategy_.max_unavailable_controlplane
+        report, "upgrade_strategy.max_unavailable_worker", strategy_.max_unavailable_worker
+    )
+    _check_unavailable(
+        report,
+        "upgrade_strategy.max_unavailable_controlplane",
+        strategy_.max_unavailable_controlplane,
     )
     sections = {"ingress": config.ingress, "dns": config.dns or {}, "monitoring": config.monitoring}
     for section, known in KNOWN_PROVIDERS.items():

@@ -56,6 +56,14 @@ def join(path: str, key: str) -> str:
     return f"{path}[{json.dumps(key)}]"
 
 
+def shorten(path: str, limit: int = 100) -> str:
+    """A path cut in the middle, for runaway nesting where the full path would fill the screen."""
+    if len(path) <= limit:
+        return path
+    half = (limit - 3) // 2
+    return f"{path[:half]}...{path[-half:]}"
+
+
 def line_of(node: Node) -> int:
     return int(node.start_mark.line) + 1
 
@@ -108,7 +116,7 @@ class Walker:
         if self._visited > self.max_nodes:
             raise LimitExceeded(
                 ConfigIssue(
-                    path,
+                    shorten(path),
                     line_of(node),
                     f"the document expands to more than {self.max_nodes} YAML nodes (through "
                     "`*alias` references); refusing to load it — is this an alias bomb?",
@@ -117,7 +125,7 @@ class Walker:
         if depth > self.max_depth:
             raise LimitExceeded(
                 ConfigIssue(
-                    path,
+                    shorten(path),
                     line_of(node),
                     f"values are nested more than {self.max_depth} levels deep (or an alias "
                     "refers to itself); a cluster.yml never needs that",
@@ -144,7 +152,11 @@ class Walker:
         if isinstance(spec, Seq):
             return self._seq(node, spec, path, depth)
         if not isinstance(node, MappingNode):
-            self.error(path, line_of(node), f"expected a mapping (`key: value` lines), found {describe(node)}")
+            self.error(
+                path,
+                line_of(node),
+                f"expected a mapping (`key: value` lines), found {describe(node)}",
+            )
             return INVALID
         if isinstance(spec, MapOf):
             return self._map(node, spec, path, depth)
@@ -177,13 +189,17 @@ class Walker:
             self.error(path, line_of(node), f"expected a number, got {shown}")
             return INVALID
         if not _INT.fullmatch(stripped):
-            self.error(path, line_of(node), f"expected a whole number{self._range(spec)}, got {shown}")
+            self.error(
+                path, line_of(node), f"expected a whole number{self._range(spec)}, got {shown}"
+            )
             return INVALID
         number = int(stripped)
         too_low = spec.minimum is not None and number < spec.minimum
         too_high = spec.maximum is not None and number > spec.maximum
         if too_low or too_high:
-            self.error(path, line_of(node), f"{number} is out of range: use a number{self._range(spec)}")
+            self.error(
+                path, line_of(node), f"{number} is out of range: use a number{self._range(spec)}"
+            )
             return INVALID
         return number
 
@@ -225,7 +241,9 @@ class Walker:
                     if isinstance(source, MappingNode):
                         merged.extend(self._entries(source, path, depth + 1))
                     else:
-                        self.error(path, line_of(key), "`<<` must merge a mapping or a list of mappings")
+                        self.error(
+                            path, line_of(key), "`<<` must merge a mapping or a list of mappings"
+                        )
                 continue
             if not isinstance(key, ScalarNode):
                 self.error(path, line_of(key), f"a key must be a plain word, found {describe(key)}")
@@ -276,6 +294,8 @@ class Walker:
             walked = self.walk(value, spec.value, child, depth + 1)
             if walked is None and isinstance(spec.value, Scalar) and spec.value.kind == "str":
                 walked = ""  # `flag:` with no value: an empty string (deletes a default flag)
+            elif walked is None and isinstance(spec.value, Seq):
+                walked = []  # yaml.v2 leaves a nil slice
             self._store(result, seen, name, walked, child, line_of(key))
         return result
 
@@ -344,7 +364,9 @@ class Walker:
             for name, key, value in self._entries(node, path, depth):
                 child = join(path, name)
                 self._count(value, child, depth + 1)
-                self._store(result, seen, name, self._free(value, child, depth + 1), child, line_of(key))
+                self._store(
+                    result, seen, name, self._free(value, child, depth + 1), child, line_of(key)
+                )
             return result
         if isinstance(node, SequenceNode):
             items = []

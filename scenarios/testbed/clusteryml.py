@@ -65,7 +65,7 @@ def cluster_config(hosts: list[Host], roles: list[list[str]], user: str, key: Pa
         "nodes": [
             {"address": h.address, "hostname_override": h.name, "user": user, "role": r,
              "ssh_key_path": str(key)}
-            for h, r in zip(nodes_hosts, roles)
+            for h, r in zip(nodes_hosts, roles, strict=True)
         ],
         "private_registries": [{"url": registry, "is_default": True}],
         "system_images": {

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from network import GATEWAY, REGISTRY_PORT, Host
 from nodes import DOCKER_CLI, StateDir
@@ -50,7 +51,7 @@ IMAGES = (
 )
 
 
-def registry_config(sd: StateDir, addr: str) -> dict:
+def registry_config(sd: StateDir, addr: str) -> dict[str, Any]:
     """docker-registry configuration (JSON is YAML) serving the shared storage on `addr`."""
     return {
         "version": "0.1",
@@ -96,7 +97,7 @@ def http_status(url: str, netns: Path | None = None, accept: str = "*/*") -> int
     req = urllib.request.Request(url, headers={"Accept": accept})
     try:
         with urllib.request.urlopen(req, timeout=3) as resp:
-            return resp.status
+            return int(resp.status)
     except urllib.error.HTTPError as exc:
         return exc.code
     except OSError:

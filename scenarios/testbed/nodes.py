@@ -18,10 +18,23 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from network import PRIVATE_NET, PUBLIC_NET, Host
-from procs import (ProcRecord, TestbedError, cgroup_pids, kill_pids, launch, log, netns_pids,
-                   record_of, remove_cgroups, run, signal_record, wait_gone)
+from procs import (
+    ProcRecord,
+    TestbedError,
+    cgroup_pids,
+    kill_pids,
+    launch,
+    log,
+    netns_pids,
+    record_of,
+    remove_cgroups,
+    run,
+    signal_record,
+    wait_gone,
+)
 
 DOCKER_CLI = "/usr/bin/docker"  # Debian's CLI, the same release as the hosts' engines
 BIND_DIRS = {"etc-kubernetes": "/etc/kubernetes", "var-lib-etcd": "/var/lib/etcd", "opt-rke": "/opt/rke"}
@@ -212,7 +225,7 @@ def ssh_banner(host: Host, via: Host | None = None, timeout: float = 2.0) -> str
     return banner if banner.startswith("SSH-") else None
 
 
-def docker_info(sd: StateDir, host: Host, timeout: float = 10) -> dict | None:
+def docker_info(sd: StateDir, host: Host, timeout: float = 10) -> dict[str, Any] | None:
     """`docker info` of the host's engine through its socket, or None when it does not answer."""
     sock = sd.docker_sock(host)
     if not sock.exists():
@@ -267,17 +280,21 @@ def stop_hosts(sd: StateDir, entries: list[tuple[Host, HostProcs]], graceful: bo
             signal_record(rec, signal.SIGTERM)
         if not wait_gone(dockerds, timeout):
             log(f"a dockerd did not stop within {timeout:.0f}s; killing it")
-    deadline = time.monotonic() + 10
-    while True:
-        left = 0
-        for host, procs in entries:
-            left += kill_pids(cgroup_pids(host.name))
-            signal_record(procs.dockerd, signal.SIGKILL)
-            signal_record(procs.leader, signal.SIGKILL, group=True)
-            left += kill_pids(netns_pids(host.netns))
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(0.3)
+    for host, procs in entries:
+        kill_pids(cgroup_pids(host.name))
+        signal_record(procs.dockerd, signal.SIGKILL)
+        signal_record(procs.leader, signal.SIGKILL, group=True)
     wait_gone([p for _, procs in entries for p in (procs.leader, procs.dockerd)], 5)
+    leftovers: list[str] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        killed = [k for host, _ in entries
+                  for k in kill_pids(cgroup_pids(host.name) | netns_pids(host.netns))]
+        if not killed:
+            break
+        leftovers += killed
+        time.sleep(0.3)
+    if leftovers:
+        log(f"SIGKILLed what was left in the hosts' cgroups and namespaces: {' '.join(leftovers)}")
     for host, _ in entries:
         remove_cgroups(host.name)

@@ -197,15 +197,16 @@ def netns_pids(ns_path: Path) -> set[int]:
     return found
 
 
-def kill_pids(pids: Iterable[int]) -> int:
-    """SIGKILL each live pid (never pid 1 or this process); returns how many were signalled."""
-    count = 0
+def kill_pids(pids: Iterable[int]) -> list[str]:
+    """SIGKILL each live pid (never pid 1 or this process); returns `comm[pid]` of those signalled."""
+    killed = []
     for pid in sorted(set(pids) - {0, 1, os.getpid()}):
         if is_zombie(pid):
             continue
         try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
             os.kill(pid, signal.SIGKILL)
-            count += 1
-        except ProcessLookupError:
+            killed.append(f"{comm}[{pid}]")
+        except (ProcessLookupError, FileNotFoundError):
             pass
-    return count
+    return killed

@@ -127,23 +127,22 @@ def known_hosts_of(state: State) -> list[Host]:
     for name in network.namespaces():
         hosts.setdefault(name, Host(int(name[3:]), (), network.GATEWAY))
     cg = Path("/sys/fs/cgroup")
-    if cg.is_dir():
-        for path in cg.glob("*/rkn*"):
-            if network.NS_RE.match(path.name):
-                hosts.setdefault(path.name, Host(int(path.name[3:]), (), network.GATEWAY))
+    for path in [*cg.glob("rkn*"), *cg.glob("*/rkn*")]:  # cgroup v2, then v1 controllers
+        if network.NS_RE.match(path.name) and path.is_dir():
+            hosts.setdefault(path.name, Host(int(path.name[3:]), (), network.GATEWAY))
     return sorted(hosts.values(), key=lambda h: h.index)
 
 
 def teardown(sd: StateDir, state: State) -> None:
     """Stop every host and registry, remove the network; leave keys and registry storage."""
-    hosts = known_hosts_of(state)
-    if hosts:
-        log(f"stopping {', '.join(h.name for h in hosts)}")
-        nodes.stop_hosts(sd, [(h, state.hosts.get(h.name, HostProcs())) for h in hosts])
     for name, rec in sorted(state.registries.items()):
         if alive(rec):
             log(f"stopping {name}")
         stop_record(rec)
+    hosts = known_hosts_of(state)
+    if hosts:
+        log(f"stopping {', '.join(h.name for h in hosts)}")
+        nodes.stop_hosts(sd, [(h, state.hosts.get(h.name, HostProcs())) for h in hosts])
     network.remove_all()
     sd.state_file.unlink(missing_ok=True)
 
@@ -184,6 +183,9 @@ def create_testbed(sd: StateDir, spec: dict[str, Any], hosts: list[Host]) -> Sta
     network.create(hosts)
     state = State(spec=spec)
     state.save(sd)  # from here on a failure leaves a state file that `down` can clean
+    wanted = {sd.host_dir(h) for h in hosts}
+    for stale in (d for d in sd.root.glob("n[0-9]*") if d not in wanted):
+        shutil.rmtree(stale)  # a host of an earlier, larger testbed
     for h in hosts:
         nodes.prepare_host(sd, h, wipe=True)
         state.hosts[h.name] = HostProcs(leader=nodes.start_host(sd, h))
@@ -247,7 +249,7 @@ def host_status(sd: StateDir, state: State, host: Host, bastion: Host | None) ->
         "sshd": sshd, "dockerd": info is not None,
         "containers": info.get("Containers") if info else None,
         "running": info.get("ContainersRunning") if info else None,
-        "pid": procs.leader.pid if alive(procs.leader) else None,
+        "pid": procs.leader.pid if procs.leader and alive(procs.leader) else None,
     }
 
 
