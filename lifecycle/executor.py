@@ -96,6 +96,10 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
     return [], []
 
 
+# Upper bound on hosts worked on at once. Windows (max_unavailable_*) are honoured below it;
+# it is a guard against thousands of threads, not a hidden cap on max_unavailable_worker.
+DEFAULT_WORKERS = 64
+
 STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
 
 
@@ -108,7 +112,7 @@ class Executor:
         backend: Backend,
         certs: CertRenderer,
         *,
-        workers: int = 8,
+        workers: int = DEFAULT_WORKERS,
         observer: Observer | None = None,
     ) -> None:
         self.store = store

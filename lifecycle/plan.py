@@ -426,7 +426,7 @@ def diff(current: Current, desired: Desired) -> Plan:
     groups += _etcd_groups(desired, current)
     groups += _groups_for("controlplane", "controlplane nodes", units(cps), cp_window)
     etcd_only = [n for n in desired.nodes if n.group == "etcd"]
-    groups += _groups_for("workers", "etcd-only nodes", units(etcd_only), 1)
+    groups += _groups_for("workers", "nodes with the etcd role", units(etcd_only), 1)
     groups += _groups_for("workers", "worker nodes", units(workers), worker_window)
     groups += _removal_groups(
         desired, current, {"worker": worker_window, "controlplane": cp_window}

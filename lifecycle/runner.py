@@ -23,7 +23,7 @@ from lifecycle.errors import (
     StalePlanError,
     StateError,
 )
-from lifecycle.executor import CertRenderer, Executor, Observer, RunResult
+from lifecycle.executor import DEFAULT_WORKERS, CertRenderer, Executor, Observer, RunResult
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff
@@ -134,7 +134,7 @@ def apply_plan(
     *,
     command: str,
     resume: bool = False,
-    workers: int = 8,
+    workers: int = DEFAULT_WORKERS,
     observer: Observer | None = None,
     desired: Desired | None = None,
     notices: list[str] | None = None,
@@ -223,7 +223,7 @@ class Rehearsal:
     order: list[str]  # step ids in the order they completed
 
 
-def rehearse(store: Store, plan: Plan, certs: CertRenderer, *, workers: int = 8,
+def rehearse(store: Store, plan: Plan, certs: CertRenderer, *, workers: int = DEFAULT_WORKERS,
              observer: Observer | None = None) -> Rehearsal:
     """Run `plan` against a simulated copy of the cluster and a throwaway copy of the state."""
     world = world_from_current(current_state(store))

@@ -21,6 +21,7 @@ from lifecycle import __version__
 from lifecycle.cli import render
 from lifecycle.config import load_config
 from lifecycle.errors import ConfigError, RkelError
+from lifecycle.executor import DEFAULT_WORKERS
 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
 from lifecycle.plan import Plan
@@ -28,7 +29,12 @@ from lifecycle import runner
 
 app = typer.Typer(
     name="rkel",
-    help="Kubernetes cluster lifecycle from an RKE cluster.yml: plan, apply, resume, roll back.",
+    help="Kubernetes cluster lifecycle from an RKE cluster.yml: plan, apply, resume.",
+    epilog=(
+        "Exit codes: 0 ok; 1 unexpected error; 2 invalid cluster.yml; 3 unsafe or stale plan; "
+        "4 state locked, interrupted or damaged; 5 invalid state transition; 6 host unreachable "
+        "or refused; 7 run finished with failed steps; 130 interrupted (resumable)."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # never print locals: they hold private keys
     add_completion=False,
@@ -205,7 +211,9 @@ def apply(
     backend: Annotated[
         BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
     ] = BackendKind.ssh,
-    workers: Annotated[int, typer.Option(min=1, max=256, help="Parallel host operations.")] = 8,
+    workers: Annotated[
+        int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
+    ] = DEFAULT_WORKERS,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
