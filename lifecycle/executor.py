@@ -81,8 +81,9 @@ def _node_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
         return [], done.get(state, [])
     if action == "uncordon":
         return [], ["uncordon"] if state in ("upgraded", "draining") else []
-    if action in ("etcd-leave", "drain-out", "delete-node", "forget-node") and state != "removing":
-        return (["remove"] if state != "removed" else []), []
+    if action in ("drain-out", "delete-node", "forget-node"):
+        # etcd-leave is not here: it also serves a node that only drops its etcd role.
+        return (["remove"] if state not in ("removing", "removed") else []), []
     return [], []
 
 
@@ -167,17 +168,21 @@ class Executor:
                 return
             t0 = self.backend.clock()
             error: str | None = None
+            cordoned = False
             try:
                 for step in unit.steps:
                     if step.id in done:
                         with lock:
                             result.steps_skipped += 1
-                        continue
-                    self._run_step(run_id, plan, step)
-                    with lock:
-                        result.steps_done += 1
+                    else:
+                        self._run_step(run_id, plan, step)
+                        with lock:
+                            result.steps_done += 1
+                    cordoned = step.action == "cordon" or (cordoned and step.action != "uncordon")
             except RkelError as exc:
                 error = str(exc)
+                if cordoned:
+                    error += self._uncordon_after_failure(run_id, unit.node)
                 with lock:
                     failures[unit.node] = error
             seconds = self.backend.clock() - t0
@@ -194,6 +199,23 @@ class Executor:
                 for future in [pool.submit(work, unit) for unit in group.units]:
                     future.result()
         return failures
+
+    def _uncordon_after_failure(self, run_id: int, node: str) -> str:
+        """Make a node that failed mid-change schedulable again (its previous containers were
+        put back), as a journaled step of its own; say what happened either way."""
+        step_id = f"{node}:uncordon-after-failure"
+        detail = {"action": "uncordon", "node": node, "service": "", "why": "unit failed"}
+        with self._state_lock:
+            self.store.write_journal(run_id, step_id, "intent", detail)
+        try:
+            self.backend.kube().uncordon(node)
+        except RkelError as exc:
+            with self._state_lock:
+                self.store.write_journal(run_id, step_id, "failed", {**detail, "error": str(exc)})
+            return f" (left cordoned: uncordon failed: {exc}; run `kubectl uncordon {node}`)"
+        with self._state_lock:
+            self.store.write_journal(run_id, step_id, "done", detail)
+        return " (uncordoned again; it runs what it ran before)"
 
     # ------------------------------------------------------------------ one step
     def _state_ops(self, step: Step, which: int) -> list[Any]:
