@@ -127,7 +127,7 @@ def mermaid(kind: str) -> str:
     from transitions.extensions.diagrams import GraphMachine
 
     model = _Model("absent")
-    machine = GraphMachine(
+    GraphMachine(  # binds itself to `model`, which then draws the graph
         model=model,
         states=[s.value for s in State],
         transitions=[{"trigger": t, "source": src, "dest": dst} for t, src, dst in TABLES[kind]],

@@ -23,7 +23,13 @@ from lifecycle.errors import (
     StalePlanError,
     StateError,
 )
-from lifecycle.executor import DEFAULT_WORKERS, CertRenderer, Executor, Observer, RunResult
+from lifecycle.executor import (
+    DEFAULT_WORKERS,
+    CertRenderer,
+    Executor,
+    Observer,
+    RunResult,
+)
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff

@@ -37,7 +37,12 @@ from lifecycle.desired import compile_desired
 from lifecycle.desired_certs import is_ca
 from lifecycle.errors import PlanError
 from lifecycle.spec import Desired, ServiceSpec
-from lifecycle.versions import VersionCatalog, semver_key, supported_versions, version_info
+from lifecycle.versions import (
+    VersionCatalog,
+    semver_key,
+    supported_versions,
+    version_info,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lifecycle import __version__
+from lifecycle import __version__, runner
 from lifecycle.cli import render
 from lifecycle.config import load_config
 from lifecycle.errors import ConfigError, RkelError
@@ -25,7 +25,6 @@ from lifecycle.executor import DEFAULT_WORKERS
 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
 from lifecycle.plan import Plan
-from lifecycle import runner
 
 app = typer.Typer(
     name="rkel",

@@ -31,7 +31,9 @@ def _service_line(step: Step) -> list[str]:
 
 def _unit_lines(unit: Unit) -> list[str]:
     actions = [s.action for s in unit.steps]
-    extras = [a for a in ("cordon", "drain", "uncordon", "etcd-join", "etcd-leave") if a in actions]
+    extras: list[str] = [
+        a for a in ("cordon", "drain", "uncordon", "etcd-join", "etcd-leave") if a in actions
+    ]
     if "drain-out" in actions:
         extras.append("drain")
     if "deliver-certs" in actions:

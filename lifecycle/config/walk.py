@@ -18,7 +18,16 @@ from typing import Any
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lifecycle.config.issues import ConfigIssue
-from lifecycle.config.schema import LEGACY, Free, Legacy, MapOf, Scalar, Seq, Spec, Struct
+from lifecycle.config.schema import (
+    LEGACY,
+    Free,
+    Legacy,
+    MapOf,
+    Scalar,
+    Seq,
+    Spec,
+    Struct,
+)
 
 NULL_TAG = "tag:yaml.org,2002:null"
 MERGE_TAG = "tag:yaml.org,2002:merge"
