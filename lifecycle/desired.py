@@ -19,6 +19,8 @@ passwords (registry credentials), private keys, or anything read from a host.
 from __future__ import annotations
 
 import ipaddress
+import re
+from dataclasses import replace
 from typing import Any
 
 from lifecycle import desired_certs as certs
@@ -37,7 +39,15 @@ from lifecycle.desired_args import (
     unique,
 )
 from lifecycle.errors import PlanError
-from lifecycle.spec import Desired, HealthCheck, NodeDesired, ServiceSpec, Strategy
+from lifecycle.spec import (
+    CertRequest,
+    Desired,
+    HealthCheck,
+    NodeDesired,
+    ServiceSpec,
+    Strategy,
+    sha256_hex,
+)
 from lifecycle.versions import (  # noqa: F401  (supported_versions, version_info: re-exported)
     VersionCatalog,
     VersionInfo,
@@ -445,7 +455,25 @@ def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
     return tuple(out)
 
 
+_CERT_FILE = re.compile(r"/etc/kubernetes/ssl/(?:kubecfg-)?([A-Za-z0-9.-]+?)(?:-key)?\.(?:pem|yaml)")
+
+
+def _with_cert_label(spec: ServiceSpec, node_certs: tuple[CertRequest, ...]) -> ServiceSpec:
+    """Label a spec with the hash of the certificates it reads, so that a certificate change
+    (a new SAN, a rotation) restarts exactly the services that use it, health-gated."""
+    text = " ".join(spec.args + spec.env + spec.command)
+    used = set(_CERT_FILE.findall(text))
+    if "kube-node" in used:  # kubecfg-kube-node.yaml points at the node's own identity
+        used |= {c.name for c in node_certs if c.name.startswith("kube-node-")}
+    hashes = sorted(f"{c.name}={c.hash}" for c in node_certs if c.name in used)
+    if not hashes:
+        return spec
+    label = ("io.rkel.certs", sha256_hex(",".join(hashes))[:16])
+    return replace(spec, labels=tuple(sorted(spec.labels + (label,))))
+
+
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
+    node_certs = certs.node_certs(ctx.config, node)
     return NodeDesired(
         name=node.name,
         address=node.address,
@@ -453,8 +481,8 @@ def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
         port=node.port,
         user=node.user,
         roles=tuple(sorted(set(node.role))),
-        services=_services(ctx, node),
-        certs=certs.node_certs(ctx.config, node),
+        services=tuple(_with_cert_label(s, node_certs) for s in _services(ctx, node)),
+        certs=node_certs,
         labels=node_labels(node),
         taints=node_taints(node),
     )

@@ -110,12 +110,13 @@ def apiserver_sans(config: ClusterConfig) -> tuple[str, ...]:
     return _sorted_unique(sans)
 
 
-def etcd_sans(config: ClusterConfig) -> tuple[str, ...]:
-    """SANs of every etcd member certificate: all etcd nodes' addresses, plus loopback names."""
-    sans: list[str] = []
-    for node in config.nodes_with("etcd"):
-        sans += [node.address, node.internal]
-    sans += ["127.0.0.1", "localhost"]
+def etcd_sans(node: Node) -> tuple[str, ...]:
+    """SANs of one member's certificate: its own addresses and name, plus loopback.
+
+    RKE lists every etcd node in every member's certificate, so adding or removing a member
+    changes all of them and restarts every member. A member's certificate only needs the names
+    it is reached by: membership changes leave the others untouched."""
+    sans = [node.address, node.internal, node.name, "127.0.0.1", "localhost"]
     return _sorted_unique(sans)
 
 
@@ -154,7 +155,7 @@ def node_certs(config: ClusterConfig, node: Node) -> tuple[CertRequest, ...]:
         reqs += [
             CertRequest(ETCD_CA, ETCD_CA, ca=ETCD_CA),
             CertRequest(
-                etcd_cert_name(node), etcd_cert_name(node), sans=etcd_sans(config), ca=ETCD_CA
+                etcd_cert_name(node), etcd_cert_name(node), sans=etcd_sans(node), ca=ETCD_CA
             ),
         ]
     unique = {r.name: r for r in reqs}

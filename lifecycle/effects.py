@@ -43,7 +43,7 @@ def _unhealthy(host: Host, spec: ServiceSpec, restored: bool) -> HealthCheckErro
     return HealthCheckError(
         host.name,
         f"{spec.name} ({spec.image}) never became healthy ({budget}); {tail}. "
-        f"Check `docker logs {spec.name}` on the node, fix the cause, then `rkel apply --resume`",
+        f"Check `docker logs {spec.name}` on the node, fix the cause, then run `rkel apply` again",
     )
 
 
@@ -131,7 +131,7 @@ def wait_node_ready(kube: KubeAPI, name: str, sleep: Sleep, version: str = "") -
         name,
         f"Kubernetes node {name} not Ready{' at ' + version if version else ''} after "
         f"{READY_RETRIES * READY_INTERVAL:g}s ({seen}); check the kubelet on the node, then "
-        "`rkel apply --resume`",
+        "run `rkel apply` again",
     )
 
 
@@ -194,7 +194,7 @@ def etcd_settle(etcd: EtcdAPI, node: str, sleep: Sleep, retries: int = 20, inter
     raise HealthCheckError(
         node,
         f"etcd cluster not healthy after {name} started ({last}); run `rkel status`, fix the "
-        "member(s), then `rkel apply --resume`",
+        "member(s), then run `rkel apply` again",
     )
 
 

@@ -16,7 +16,7 @@ unit one after another. Constraints live here:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lifecycle.errors import PlanError
@@ -348,6 +348,8 @@ def _removal_groups(desired: Desired, current: Current, windows: dict[str, int])
                 Step(f"{name}:etcd:remove", name, "remove-service", "etcd", old_image=""),
             ]
             by_group["etcd"].append(Unit(name, "change", tuple(steps)))
+    order = {name: i for i, name in enumerate(_leaving_order(desired, current))}
+    by_group["etcd"].sort(key=lambda u: order.get(u.node, len(order)))
     groups = []
     titles = {"etcd": "etcd members to remove", "controlplane": "controlplane nodes to remove",
               "worker": "nodes to remove"}
@@ -362,24 +364,36 @@ def _removal_groups(desired: Desired, current: Current, windows: dict[str, int])
     return groups
 
 
+def _leaving_order(desired: Desired, current: Current) -> list[str]:
+    """etcd members that leave, unreachable ones first (their leaving costs no healthy vote)."""
+    members = [n.name for n in current.nodes if n.service("etcd") and n.state != "absent"]
+    leaving = [m for m in members if (want := desired.node(m)) is None or not want.has("etcd")]
+    return sorted(leaving, key=lambda m: (m not in current.unreachable, m))
+
+
 def _check_quorum(desired: Desired, current: Current) -> None:
-    """Refuse a plan whose etcd removals would, at any point, leave no healthy quorum."""
+    """Refuse a plan whose etcd removals would, at any point, leave no healthy quorum.
+
+    A member can only be removed through a cluster that has quorum, and what remains after
+    each removal must still have it."""
     members = [n.name for n in current.nodes if n.service("etcd") and n.state != "absent"]
     members += [n.name for n in desired.etcd_nodes if n.name not in members]
-    leaving = [m for m in members if (want := desired.node(m)) is None or not want.has("etcd")]
-    unhealthy = set(current.unreachable)
-    size = len(members)
-    healthy = size - len(unhealthy & set(members))
-    for name in leaving:
-        healthy_after = healthy - (0 if name in unhealthy else 1)
-        size -= 1
-        if size < 1 or healthy_after < quorum(size):
+    unhealthy = set(current.unreachable) & set(members)
+    size, healthy = len(members), len(members) - len(unhealthy)
+    for name in _leaving_order(desired, current):
+        if healthy < quorum(size):
             raise PlanError(
-                f"removing etcd member etcd-{name} would leave {healthy_after} healthy member(s) "
+                f"etcd has {healthy} healthy member(s) of {size}, below quorum ({quorum(size)}): "
+                f"member etcd-{name} cannot be removed. Bring the unreachable members back first"
+            )
+        size -= 1
+        healthy -= 0 if name in unhealthy else 1
+        if size < 1 or healthy < quorum(size):
+            raise PlanError(
+                f"removing etcd member etcd-{name} would leave {healthy} healthy member(s) "
                 f"of {size}, below quorum ({quorum(size) if size else 1}); bring the unhealthy "
                 "members back first, or remove fewer etcd nodes in this change"
             )
-        healthy = healthy_after if name not in unhealthy else healthy
 
 
 def _certs_group(desired: Desired, current: Current) -> list[Group]:
@@ -460,3 +474,25 @@ def diff(current: Current, desired: Desired) -> Plan:
         },
         summary=summary,
     )
+
+
+def restrict(plan: Plan, phases: tuple[str, ...]) -> Plan:
+    """Only the groups of `phases` (and the certificates they need): one plane at a time."""
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        raise PlanError(f"unknown phase {', '.join(unknown)}; phases are {', '.join(PHASES)}")
+    keep = set(phases) | {"certs"}
+    groups = tuple(g for g in plan.groups if g.phase in keep)
+    steps = [s for g in groups for u in g.units for s in u.steps]
+    summary = {
+        **plan.summary,
+        "add": sum(1 for s in steps if s.action == "start"),
+        "change": sum(1 for s in steps if s.action == "replace"),
+        "remove": sum(1 for s in steps if s.action == "remove-service"),
+    }
+    skipped = [g.phase for g in plan.groups if g.phase not in keep]
+    warnings = plan.warnings + (
+        (f"limited to {', '.join(sorted(keep))}; not planned now: {', '.join(skipped)}",)
+        if skipped else ()
+    )
+    return replace(plan, groups=groups, summary=summary, warnings=warnings)

@@ -32,7 +32,7 @@ from lifecycle.executor import (
 )
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
-from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff
+from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff, restrict
 from lifecycle.spec import Desired
 from store import LockHeld, SetMeta, Store, StoreError, default_state_path
 
@@ -101,11 +101,13 @@ class Planned:
     plan: Plan
 
 
-def make_plan(config: Path, store: Store) -> Planned:
+def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
+    """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
     desired = compile_desired(loaded.config)
     current = current_state(store)
-    return Planned(loaded, desired, current, diff(current, desired))
+    plan = diff(current, desired)
+    return Planned(loaded, desired, current, restrict(plan, only) if only else plan)
 
 
 def check_fresh(plan: Plan, store: Store) -> None:
@@ -125,7 +127,7 @@ def _lock(store: Store, command: str) -> str | None:
         raise LockHeldError(
             f"another rkel run holds the lock on {store.path}: pid {held.pid} on {held.hostname}, "
             f"started {held.started_at} ({held.command}); wait for it to finish. If that process "
-            "is gone for good (another machine), remove it with `rkel state unlock`"
+            "is gone for good (another machine), remove its lock with `rkel state unlock --force`"
         ) from held
     if stale is None:
         return None

@@ -91,6 +91,15 @@ class CatalogStore(StoreBase):
             )
             return cur.rowcount == 1
 
+    def break_lock(self) -> LockInfo | None:
+        """Remove the run lock whoever holds it (an operator's decision); return the holder."""
+        with self._write("breaking the run lock") as conn:
+            row = conn.execute(
+                "SELECT pid, hostname, started_at, run_id, command FROM lock WHERE id = 1"
+            ).fetchone()
+            conn.execute("DELETE FROM lock WHERE id = 1")
+        return LockInfo(*row) if row else None
+
     def lock_holder(self) -> LockInfo | None:
         """Who holds the run lock, or None."""
         row = self._query_one("SELECT * FROM lock WHERE id = 1")

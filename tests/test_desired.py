@@ -346,7 +346,10 @@ def test_golden_three_nodes():
 
     for n in d.nodes:
         for s in n.services:
-            assert s.labels == (("io.rancher.rke.container.name", s.name),)
+            labels = dict(s.labels)
+            assert labels["io.rancher.rke.container.name"] == s.name
+            # every service that reads a certificate carries the hash of what it reads
+            assert ("io.rkel.certs" in labels) == (s.name != "nginx-proxy")
             assert s.network_mode == "host" and s.restart == "always"
 
 
@@ -699,14 +702,37 @@ def test_apiserver_sans():
 def test_etcd_cert_sans_and_names():
     etcd3 = Node("198.51.100.6", "rke", ("etcd",), internal_address="10.0.0.6")
     d = compile_desired(config(CP, ETCD, etcd3, WORKER))
-    expected = ("10.0.0.1", "10.0.0.2", "10.0.0.6", "127.0.0.1", "198.51.100.6", "localhost")
+    # Each member's certificate names only that member (and loopback), so a membership change
+    # leaves the other members' certificates, and their containers, untouched.
+    expected = {
+        "cp1": ("10.0.0.1", "127.0.0.1", "cp1", "localhost"),
+        "198.51.100.6": ("10.0.0.6", "127.0.0.1", "198.51.100.6", "localhost"),
+    }
     for node, cert in (("cp1", "kube-etcd-10-0-0-1"), ("198.51.100.6", "kube-etcd-10-0-0-6")):
         n = d.node(node)
         assert n is not None
         req = next(c for c in n.certs if c.name == cert)
-        assert req.sans == expected
+        assert req.sans == expected[node]
         assert req.ca == "kube-etcd-ca"
         assert flag(spec(d, node, "etcd"), "cert-file") == [f"/etc/kubernetes/ssl/{cert}.pem"]
+
+
+def test_membership_change_keeps_other_members_specs():
+    before = compile_desired(config(CP, ETCD, WORKER))
+    extra = Node("10.0.0.9", "rke", ("etcd",))
+    after = compile_desired(config(CP, ETCD, WORKER, extra))
+    assert spec(before, "cp1", "etcd").hash == spec(after, "cp1", "etcd").hash
+
+
+def test_san_change_restarts_only_the_apiserver():
+    base = config(CP, ETCD, WORKER)
+    before = compile_desired(base)
+    after = compile_desired(dataclasses.replace(base, authentication=Authentication(sans=["api.example.com"])))
+    changed = sorted(
+        s.name for n in after.nodes for s in n.services
+        if s.hash != spec(before, n.name, s.name).hash
+    )
+    assert changed == ["kube-apiserver"]
 
 
 def test_cert_sets_per_role():

@@ -3,6 +3,8 @@ readiness and etcd membership. Every test looks at the SimWorld's state, never a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from lifecycle import effects
@@ -217,15 +219,34 @@ def test_remove_service_removes_name_and_old_name(world: SimWorld, host: Host) -
     assert containers(world) == {"kube-proxy": ("h", True)}
 
 
+def _fail_replace(world: SimWorld, host: Host) -> None:
+    effects.start_service(host, OLD, world.sleep)
+    world.set_never_healthy(NODE, "kubelet")
+    effects.replace_service(host, NEW, world.sleep)
+
+
+def _fail_ready(world: SimWorld, host: Host) -> None:
+    effects.start_service(host, OLD, world.sleep)
+    world.set_never_healthy(NODE, "kubelet")
+    effects.wait_node_ready(world.backend().kube(), NODE, world.sleep)
+
+
+def _fail_settle(world: SimWorld, host: Host) -> None:
+    _first_member(world)
+    effects.etcd_join(world.backend().etcd(), "n2", "10.0.0.2")
+    effects.etcd_settle(world.backend().etcd(), "n2", world.sleep, retries=2, interval=1.0)
+
+
+@pytest.mark.parametrize("fail", [_fail_replace, _fail_ready, _fail_settle],
+                         ids=["replace", "wait-ready", "etcd-settle"])
 def test_failure_advice_names_a_command_that_works_after_a_failed_run(
-    world: SimWorld, running_old: Host
+    world: SimWorld, host: Host, fail: Callable[[SimWorld, Host], None]
 ) -> None:
     """A health-check failure ends the run as *failed*; `rkel apply --resume` then refuses
     ("there is no interrupted run to resume"), and the executor's own summary says to run
     `rkel apply` again. The per-step advice must not send the user to --resume."""
-    world.set_never_healthy(NODE, "kubelet")
     with pytest.raises(HealthCheckError) as info:
-        effects.replace_service(running_old, NEW, world.sleep)
+        fail(world, host)
     assert "--resume" not in str(info.value)
     assert "rkel apply" in str(info.value)
 
@@ -307,7 +328,9 @@ def test_bootstrap_args_for_a_joining_member_list_every_member(world: SimWorld) 
 def test_bootstrap_args_include_the_member_even_before_it_joined(world: SimWorld) -> None:
     _first_member(world)
     args = effects.etcd_bootstrap_args(world.backend().etcd(), "n2", "10.0.0.2", "tok")
-    assert args[0] == "--initial-cluster=etcd-n1=https://10.0.0.1:2380,etcd-n2=https://10.0.0.2:2380"
+    assert args[0] == (
+        "--initial-cluster=etcd-n1=https://10.0.0.1:2380,etcd-n2=https://10.0.0.2:2380"
+    )
     assert args[1] == "--initial-cluster-state=existing"
 
 

@@ -35,7 +35,11 @@ PATHS = [
          ("upgrade", "upgraded"), ("settle", "running")],
     ),
     ("service", "running", [("replace", "draining"), ("restore", "running")]),
-    ("service", "failed", [("replace", "draining"), ("upgrade", "upgraded"), ("settle", "running")]),
+    (
+        "service",
+        "failed",
+        [("replace", "draining"), ("upgrade", "upgraded"), ("settle", "running")],
+    ),
     ("service", "failed", [("start", "running")]),
     ("service", "draining", [("remove", "removed")]),
 ]

@@ -40,6 +40,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Work with cluster.yml.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+hosts_app = typer.Typer(help="SSH host keys pinned in the state.", no_args_is_help=True)
+app.add_typer(hosts_app, name="hosts")
+state_app = typer.Typer(help="The state database.", no_args_is_help=True)
+app.add_typer(state_app, name="state")
 
 
 class Output(str, Enum):
@@ -50,6 +54,16 @@ class Output(str, Enum):
 class BackendKind(str, Enum):
     ssh = "ssh"
     simulated = "simulated"
+
+
+ONLY = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--only",
+        help="Limit to a phase (etcd, controlplane, workers, removals); repeatable. "
+        "Certificates are always included.",
+    ),
+]
 
 
 @dataclass
@@ -153,12 +167,13 @@ def plan(
     simulate: Annotated[
         bool, typer.Option(help="Also rehearse the plan on a simulated copy of the cluster.")
     ] = False,
+    only: ONLY = None,
 ) -> None:
     """Show what apply would change, as a diff of current vs desired."""
     g = _g(ctx)
     try:
         with g.store() as store:
-            planned = runner.make_plan(g.config, store)
+            planned = runner.make_plan(g.config, store, tuple(only or ()))
             warnings = [str(w) for w in planned.loaded.warnings]
             text = render.plan_text(planned.plan, warnings)
             data = render.plan_json(planned.plan, warnings)
@@ -213,6 +228,7 @@ def apply(
     workers: Annotated[
         int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
     ] = DEFAULT_WORKERS,
+    only: ONLY = None,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
@@ -224,7 +240,7 @@ def apply(
             elif planfile is not None:
                 the_plan = _read_plan(planfile)
             else:
-                planned = runner.make_plan(g.config, store)
+                planned = runner.make_plan(g.config, store, tuple(only or ()))
                 for w in planned.loaded.warnings:
                     typer.echo(f"warning: {w}", err=True)
                 the_plan = planned.plan
@@ -323,6 +339,62 @@ def history(
             _emit(g, render.journal_text(row, rows), [vars(r) for r in rows])
     except RkelError as exc:
         raise _fail(g, exc) from None
+
+
+@hosts_app.command("list")
+def hosts_list(ctx: typer.Context) -> None:
+    """List the pinned host keys."""
+    g = _g(ctx)
+    try:
+        with g.store() as store:
+            rows = store.known_hosts()
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    text = "\n".join(f"{r.host:<28} {r.key_type:<20} {r.fingerprint}  (since {r.first_seen})"
+                     for r in rows) or "No host keys pinned yet."
+    _emit(g, text, [vars(r) for r in rows])
+
+
+@hosts_app.command("forget")
+def hosts_forget(
+    ctx: typer.Context,
+    address: Annotated[str, typer.Argument(help="The host whose pinned key to drop.")],
+) -> None:
+    """Drop a host's pinned key (after a reinstall); the next connection pins the new one."""
+    g = _g(ctx)
+    try:
+        with g.store() as store:
+            removed = store.delete_known_host(address)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    if not removed:
+        typer.echo(f"error: no key is pinned for {address}; `rkel hosts list` shows them", err=True)
+        raise typer.Exit(2)
+    _emit(g, f"Forgot the host key of {address}.", {"forgotten": address})
+
+
+@state_app.command("unlock")
+def state_unlock(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Required: you checked the holder is gone.")] = False,
+) -> None:
+    """Remove the run lock of a run that is gone for good (e.g. on another machine)."""
+    g = _g(ctx)
+    if not force:
+        typer.echo("error: unlocking lets another run start beside a live one; check the holder "
+                   "is gone, then add --force", err=True)
+        raise typer.Exit(2)
+    try:
+        with g.store() as store:
+            holder = store.break_lock()
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    if holder is None:
+        _emit(g, "The state was not locked.", {"unlocked": None})
+        return
+    _emit(g, f"Removed the lock of pid {holder.pid} on {holder.hostname} ({holder.command}). "
+          "If its run was interrupted, continue it with `rkel apply --resume`.",
+          {"unlocked": vars(holder)})
 
 
 def main() -> None:

@@ -60,9 +60,10 @@ def _window_lines(group: Group) -> list[str]:
 
 def plan_text(plan: Plan, warnings: list[str] | None = None) -> str:
     out: list[str] = []
-    for warning in warnings or []:
+    notes = list(warnings or []) + list(plan.warnings)
+    for warning in notes:
         out.append(f"warning: {warning}")
-    if warnings:
+    if notes:
         out.append("")
     if plan.empty:
         out.append(f"No changes. Cluster {plan.cluster_name!r} matches cluster.yml.")
