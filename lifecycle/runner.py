@@ -229,6 +229,7 @@ class Rehearsal:
     world: SimWorld
     seconds: float  # simulated wall time, honouring each group's concurrency
     order: list[str]  # step ids in the order they completed
+    groups: list[tuple[str, float]]  # (group title, simulated seconds), in run order
 
 
 def rehearse(store: Store, plan: Plan, certs: CertRenderer, *, workers: int = DEFAULT_WORKERS,
@@ -247,10 +248,11 @@ def rehearse(store: Store, plan: Plan, certs: CertRenderer, *, workers: int = DE
             copy.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    seconds = sum(
-        makespan(result.unit_seconds.get(g.title, []), g.concurrency) for g in plan.groups
-    )
-    return Rehearsal(result, world, seconds, order)
+    groups = [
+        (f"{g.phase}: {g.title}", makespan(result.unit_seconds.get(g.title, []), g.concurrency))
+        for g in plan.groups
+    ]
+    return Rehearsal(result, world, sum(t for _, t in groups), order, groups)
 
 
 def makespan(durations: list[float], window: int) -> float:

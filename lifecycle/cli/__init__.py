@@ -190,7 +190,8 @@ def plan(
 
 
 def _rehearsal_text(r: runner.Rehearsal) -> str:
-    lines = [f"Rehearsal on a simulated copy: {len(r.order)} steps, about {r.seconds:.0f}s."]
+    lines = [f"Rehearsal on a simulated copy: {len(r.order)} steps, about {r.seconds:.0f}s:"]
+    lines += [f"  {i}. {title}: ~{secs:.0f}s" for i, (title, secs) in enumerate(r.groups, 1)]
     most = r.world.max_unschedulable
     if most:
         lines.append(
@@ -206,6 +207,7 @@ def _rehearsal_data(r: runner.Rehearsal) -> dict[str, Any]:
     return {
         "steps": r.order,
         "simulated_seconds": round(r.seconds, 2),
+        "groups": [{"title": t, "simulated_seconds": round(x, 2)} for t, x in r.groups],
         "max_unschedulable": r.world.max_unschedulable,
         "quorum_violations": r.world.quorum_violations,
     }
