@@ -56,7 +56,7 @@ def load_key(pem: bytes) -> rsa.RSAPrivateKey:
     """Parse a PEM private key; only RSA keys are ever generated here."""
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("not an RSA private key")
+        raise TypeError("not an RSA private key")
     return key
 
 
@@ -121,9 +121,7 @@ def issue_ca(req: CertRequest) -> Issued:
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
     )
     cert = _validity(builder, CA_VALIDITY).sign(key, hashes.SHA256())
     return Issued(cert_to_pem(cert), key_to_pem(key), cert.not_valid_after_utc)
@@ -181,4 +179,3 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from lifecycle.config import LoadedConfig, load_config
+from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
 from lifecycle.errors import (
     LockHeldError,
@@ -32,6 +33,7 @@ from lifecycle.executor import (
 )
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
+from lifecycle.pki import PKI, load_state_key
 from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff, restrict
 from lifecycle.spec import Desired
 from store import LockHeld, SetMeta, Store, StoreError, default_state_path
@@ -262,3 +264,43 @@ def makespan(durations: list[float], window: int) -> float:
         i = slots.index(min(slots))
         slots[i] += d
     return max(slots) if durations else 0.0
+
+
+# ---------------------------------------------------------------------------- real hosts
+@dataclass
+class RealSession:
+    """What a run on real hosts needs: the SSH + Docker backend and the PKI behind it."""
+
+    backend: Backend
+    pki: PKI
+    generated: list[str]
+
+
+def real_session(
+    store: Store,
+    config: ClusterConfig,
+    desired: Desired | None,
+    *,
+    trust_new_hosts: bool = True,
+    notice: Callable[[str], None] | None = None,
+) -> RealSession:
+    """Open the state key and PKI (creating the certificates `desired` needs, when given) and
+    an SSH backend that checks health with them."""
+    from lifecycle.hosts.ssh import SSHBackend  # paramiko and docker only when really needed
+
+    pki = PKI(store, load_state_key(Path(store.path)))
+    generated = pki.ensure(desired) if desired is not None else []
+    backend = SSHBackend(
+        config, store, trust_new_hosts=trust_new_hosts, tls=pki.material, notice=notice
+    )
+    return RealSession(backend, pki, generated)
+
+
+def write_kubeconfig(pki: PKI, desired: Desired, config_path: Path) -> Path | None:
+    """kube_config_<name>.yml for the first controlplane node, once the control plane runs."""
+    cps = [n for n in desired.nodes if n.has("controlplane")]
+    if not cps:
+        return None
+    return pki.write_admin_kubeconfig(
+        config_path, f"https://{cps[0].address}:6443", desired.cluster_name
+    )

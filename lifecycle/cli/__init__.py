@@ -118,15 +118,6 @@ def _world_path(g: Globals) -> Path:
     return store_path.with_name(store_path.name.replace(".db", "") + ".world.json")
 
 
-def _backend(g: Globals, kind: BackendKind) -> Any:
-    if kind is BackendKind.simulated:
-        return SimWorld.load(_world_path(g)).backend()
-    raise RkelError(
-        "the SSH + Docker backend is not part of this build yet; use `--backend simulated` to "
-        "drive a simulated cluster, or `rkel plan --simulate` to rehearse a change"
-    )
-
-
 # ---------------------------------------------------------------------------- commands
 @app.command()
 def version(ctx: typer.Context) -> None:
@@ -231,21 +222,22 @@ def apply(
         int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
     ] = DEFAULT_WORKERS,
     only: ONLY = None,
+    trust_new_hosts: Annotated[
+        bool,
+        typer.Option(help="Pin the SSH host key of a host seen for the first time (else refuse)."),
+    ] = True,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
     command = " ".join(["rkel", *sys.argv[1:]])
+    say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
     try:
         with g.store() as store:
-            if resume:
-                the_plan = None
-            elif planfile is not None:
-                the_plan = _read_plan(planfile)
-            else:
-                planned = runner.make_plan(g.config, store, tuple(only or ()))
+            planned = None if resume else runner.make_plan(g.config, store, tuple(only or ()))
+            if planned is not None:
                 for w in planned.loaded.warnings:
                     typer.echo(f"warning: {w}", err=True)
-                the_plan = planned.plan
+            the_plan = _read_plan(planfile) if planfile else planned.plan if planned else None
             if simulate:
                 if the_plan is None:
                     raise RkelError("--simulate rehearses a new plan; it cannot be combined with --resume")
@@ -257,37 +249,59 @@ def apply(
                 _emit(g, render.plan_text(the_plan), {"changed": False})
                 return
             if the_plan is not None and not yes:
-                if g.output is Output.text:
-                    typer.echo(render.plan_text(the_plan))
-                if not sys.stdin.isatty():
-                    raise RkelError("not on a terminal: add --yes to apply without confirmation")
-                if not typer.confirm("Apply these changes?"):
-                    raise typer.Exit(1)
-            be = _backend(g, backend)
-            total = len(the_plan.groups) if the_plan else len(Plan.from_dict(store.unfinished_run().plan).groups) if store.unfinished_run() else 0
-            progress = render.Progress(total_groups=total) if g.output is Output.text else None
+                _confirm(g, the_plan)
+            unfinished = store.unfinished_run()
+            groups = the_plan.groups if the_plan else (
+                Plan.from_dict(unfinished.plan).groups if unfinished else ())
+            progress = render.Progress(total_groups=len(groups)) if g.output is Output.text else None
+            desired = planned.desired if planned is not None and planfile is None else None
             notices: list[str] = []
+            if backend is BackendKind.simulated:
+                be: Any = SimWorld.load(_world_path(g)).backend()
+                certs: Any = SimulatedCerts()
+                session = None
+            else:
+                config = planned.loaded.config if planned else load_config(g.config).config
+                session = runner.real_session(store, config, desired,
+                                              trust_new_hosts=trust_new_hosts, notice=say)
+                if session.generated:
+                    say(f"generated {len(session.generated)} certificate(s): "
+                        + ", ".join(session.generated))
+                be, certs = session.backend, session.pki
             try:
                 result = runner.apply_plan(
-                    store, be, the_plan or Plan((), (), "", ""), SimulatedCerts(),
-                    command=command, resume=resume, workers=workers, observer=progress,
-                    notices=notices, desired=planned.desired if the_plan is not None and planfile is None else None,
+                    store, be, the_plan or Plan((), (), "", ""), certs, command=command,
+                    resume=resume, workers=workers, observer=progress, notices=notices,
+                    desired=desired,
                 )
             finally:
                 be.close()
             for n in notices:
-                typer.echo(f"notice: {n}", err=True)
+                say(n)
+            kubeconfig = None
+            if session is not None and desired is not None and (not only or "controlplane" in only):
+                kubeconfig = runner.write_kubeconfig(session.pki, desired, g.config)
     except RkelError as exc:
         raise _fail(g, exc) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: the run is journaled; continue it with `rkel apply --resume`", err=True)
         raise typer.Exit(130) from None
-    _emit(
-        g,
-        f"Apply complete: run {result.run_id}, {result.steps_done} step(s) done"
-        + (f", {result.steps_skipped} already done before" if result.steps_skipped else "") + ".",
-        {"run": result.run_id, "steps_done": result.steps_done, "steps_skipped": result.steps_skipped},
-    )
+    text = (f"Apply complete: run {result.run_id}, {result.steps_done} step(s) done"
+            + (f", {result.steps_skipped} already done before" if result.steps_skipped else "") + ".")
+    if kubeconfig is not None:
+        text += f"\nAdmin kubeconfig: {kubeconfig}"
+    _emit(g, text, {"run": result.run_id, "steps_done": result.steps_done,
+                    "steps_skipped": result.steps_skipped,
+                    "kubeconfig": str(kubeconfig) if kubeconfig else None})
+
+
+def _confirm(g: Globals, plan: Plan) -> None:
+    if g.output is Output.text:
+        typer.echo(render.plan_text(plan))
+    if not sys.stdin.isatty():
+        raise RkelError("not on a terminal: add --yes to apply without confirmation")
+    if not typer.confirm("Apply these changes?"):
+        raise typer.Exit(1)
 
 
 def _read_plan(path: Path) -> Plan:

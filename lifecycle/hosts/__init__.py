@@ -84,6 +84,10 @@ class Host(Protocol):
 
     def remove_paths(self, paths: Sequence[str]) -> None: ...
 
+    def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
+        """Run `cmd` in a running container: (exit code, stdout followed by stderr)."""
+        ...
+
     def close(self) -> None: ...
 
 

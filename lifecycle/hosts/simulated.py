@@ -414,6 +414,13 @@ class SimHostHandle:
     def remove_paths(self, paths: Sequence[str]) -> None:
         self.world.remove_paths(self.name, paths)
 
+    def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
+        """Simulated containers run nothing: succeed (empty output) if the container runs."""
+        have = self.world.containers(self.name).get(container)
+        if have is None or not have.running:
+            raise HostError(self.name, f"container {container} is not running")
+        return 0, ""
+
     def close(self) -> None:
         pass
 
