@@ -87,6 +87,7 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
         kubernetes_version=version,
         nodes=nodes,
         strategy=_strategy(config),
+        cluster_certs=certs.cluster_certs(),
     )
 
 

@@ -120,6 +120,12 @@ def etcd_sans(node: Node) -> tuple[str, ...]:
     return _sorted_unique(sans)
 
 
+def cluster_certs() -> tuple[CertRequest, ...]:
+    """Certificates rkel itself uses and no node gets: the admin identity (kubeconfig, health
+    checks run through the SSH connection). RKE copies kube-admin to every controlplane node."""
+    return (CertRequest(KUBE_ADMIN, KUBE_ADMIN, ("system:masters",)),)
+
+
 def node_certs(config: ClusterConfig, node: Node) -> tuple[CertRequest, ...]:
     """Every certificate `node` needs, sorted by name."""
     reqs: list[CertRequest] = [
@@ -143,7 +149,6 @@ def node_certs(config: ClusterConfig, node: Node) -> tuple[CertRequest, ...]:
             CertRequest(SERVICE_ACCOUNT_TOKEN, SERVICE_ACCOUNT_TOKEN),
             CertRequest(REQUESTHEADER_CA, REQUESTHEADER_CA, ca=REQUESTHEADER_CA),
             CertRequest(PROXY_CLIENT, PROXY_CLIENT, ca=REQUESTHEADER_CA),
-            CertRequest(KUBE_ADMIN, KUBE_ADMIN, ("system:masters",)),
         ]
         if not config.services.etcd.external_urls:
             # The apiserver checks etcd's serving certs against the etcd CA (certificate only).

@@ -73,15 +73,16 @@ def collect_requests(desired: Desired) -> dict[str, CertRequest]:
     """
     out: dict[str, CertRequest] = {}
     first: dict[str, str] = {}
-    for node in desired.nodes:
-        for req in node.certs:
+    holders = [(n.name, n.certs) for n in desired.nodes] + [("rkel", desired.cluster_certs)]
+    for holder, requests in holders:
+        for req in requests:
             seen = out.get(req.name)
             if seen is None:
-                out[req.name], first[req.name] = req, node.name
+                out[req.name], first[req.name] = req, holder
             elif seen != req:
                 raise PlanError(
                     f"certificate {req.name} is requested differently by nodes "
-                    f"{first[req.name]} and {node.name}; this is a bug in rkel, please report it"
+                    f"{first[req.name]} and {holder}; this is a bug in rkel, please report it"
                 )
     return out
 

@@ -169,6 +169,7 @@ class Desired:
     kubernetes_version: str
     nodes: tuple[NodeDesired, ...]  # sorted by name
     strategy: Strategy = field(default_factory=Strategy)
+    cluster_certs: tuple[CertRequest, ...] = ()  # kept by rkel, delivered to no node
 
     def node(self, name: str) -> NodeDesired | None:
         return next((n for n in self.nodes if n.name == name), None)

@@ -738,9 +738,10 @@ def test_san_change_restarts_only_the_apiserver():
 def test_cert_sets_per_role():
     d = compile_desired(config())
     names = {n.name: [c.name for c in n.certs] for n in d.nodes}
+    # kube-admin is rkel's own identity: kept in the state, never put on a node
+    assert [c.name for c in d.cluster_certs] == ["kube-admin"]
     assert names == {
         "cp1": [
-            "kube-admin",
             "kube-apiserver",
             "kube-apiserver-etcd-client",
             "kube-apiserver-proxy-client",

@@ -46,6 +46,10 @@ from store import Store, StoreError
 __all__ = ["CertMaterialLike", "SSHBackend", "SSHHost", "fingerprint", "known_host_name"]
 
 log = logging.getLogger(__name__)
+# paramiko logs a refused tunnel (a probe of a port not open yet) at ERROR; route our transports'
+# logs under our name, silent unless the application configures logging.
+PARAMIKO_LOG = f"{__name__}.paramiko"
+logging.getLogger(PARAMIKO_LOG).addHandler(logging.NullHandler())
 
 CONNECT_TIMEOUT = 10.0  # TCP connect, SSH banner, key exchange and authentication, each
 _KEY_CLASSES: tuple[type[paramiko.PKey], ...] = (
@@ -355,6 +359,7 @@ class SSHBackend:
         assert transport is not None
         self._check_pinned(login.node, name, transport.get_remote_server_key(), client)
         transport.set_keepalive(30)
+        transport.set_log_channel(PARAMIKO_LOG)
         return client
 
     def _pin(self, node: str, name: str, key: paramiko.PKey) -> None:
