@@ -769,7 +769,7 @@ def test_cert_sets_per_role():
         "system:node:w1",
         ("system:nodes",),
     )
-    assert by_name["kube-admin"].organizations == ("system:masters",)
+    assert d.cluster_certs[0].organizations == ("system:masters",)
     assert by_name["kube-proxy"].common_name == "system:kube-proxy"
     assert by_name["kube-controller-manager"].common_name == "system:kube-controller-manager"
     assert by_name["kube-scheduler"].common_name == "system:kube-scheduler"
