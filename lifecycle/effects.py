@@ -198,6 +198,15 @@ def etcd_settle(etcd: EtcdAPI, node: str, sleep: Sleep, retries: int = 20, inter
     )
 
 
+def etcd_clear_unstarted(etcd: EtcdAPI, host: Host, node: str, data_dir: str) -> None:
+    """Before a joining member's first start, empty its data dir: a learner that never started
+    has no data of this cluster, and old data from an earlier membership would make it fail."""
+    name = etcd_member_name(node)
+    member = next((m for m in etcd.members() if m.name == name), None)
+    if member is not None and not member.started and "etcd" not in host.containers():
+        host.remove_paths([data_dir])
+
+
 def etcd_leave(etcd: EtcdAPI, node: str) -> None:
     """Remove the node's member if it is still one."""
     name = etcd_member_name(node)

@@ -24,7 +24,7 @@ from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
 from lifecycle.plan import Group, Plan, Step, Unit
-from lifecycle.spec import CertRequest
+from lifecycle.spec import CertRequest, ServiceSpec
 from store import DeleteNode, DeleteService, Store, UpsertNode, UpsertService
 
 
@@ -102,6 +102,16 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
 DEFAULT_WORKERS = 64
 
 STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
+KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node")
+
+
+def etcd_data_dir(spec: ServiceSpec) -> str:
+    """The host directory bound to etcd's data dir (with prefix_path, if any)."""
+    for bind in spec.binds:
+        source, _, target = bind.partition(":")
+        if target.split(":")[0] == "/var/lib/rancher/etcd":
+            return source
+    return "/var/lib/etcd"
 
 
 class Executor:
@@ -308,6 +318,8 @@ class Executor:
             extra: list[str] = []
             if spec.name == "etcd" and action == "start":
                 etcd = self.backend.etcd() if self._etcd_exists(exclude=step.node) else None
+                if etcd is not None:
+                    effects.etcd_clear_unstarted(etcd, host, step.node, etcd_data_dir(spec))
                 token = f"rkel-etcd-{plan.cluster_name}"
                 extra = effects.etcd_bootstrap_args(etcd, step.node, ref.internal_address, token)
             if action == "start":
@@ -317,7 +329,16 @@ class Executor:
             if spec.name == "etcd":
                 effects.etcd_settle(self.backend.etcd(), step.node, sleep)
         elif action == "remove-service":
-            effects.remove_service(self.backend.host(ref), step.service)
+            host = self.backend.host(ref)
+            effects.remove_service(host, step.service)
+            if step.service == "etcd":
+                # A member that left must not keep its data: rejoining with it would fail.
+                row = self.store.service(step.node, "etcd")
+                spec_data = row.spec if row and row.spec else None
+                path = etcd_data_dir(ServiceSpec.from_dict(spec_data)) if spec_data else "/var/lib/etcd"
+                host.remove_paths([path])
+        elif action in KUBE_ONLY and not self._in_kubernetes(step.node):
+            return  # the node never ran a kubelet: Kubernetes does not know it
         elif action == "cordon":
             self.backend.kube().cordon(step.node)
         elif action == "drain":
@@ -339,6 +360,10 @@ class Executor:
             self.backend.host(ref).remove_paths(["/etc/kubernetes/ssl", "/var/lib/etcd"])
         else:  # pragma: no cover - the planner only emits the actions above
             raise RkelError(f"step {step.id}: unknown action {action!r}")
+
+    def _in_kubernetes(self, node: str) -> bool:
+        svc = self.store.service(node, "kubelet")
+        return bool(svc and svc.spec_hash)
 
     def _etcd_exists(self, exclude: str) -> bool:
         """Has an etcd member other than `exclude` ever been started (so a cluster exists)?"""

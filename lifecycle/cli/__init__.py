@@ -276,6 +276,7 @@ def apply(
                 )
             finally:
                 be.close()
+            connections = dict(sorted(getattr(be, "connections", {}).items()))
             for n in notices:
                 say(n)
             kubeconfig = None
@@ -288,10 +289,14 @@ def apply(
         raise typer.Exit(130) from None
     text = (f"Apply complete: run {result.run_id}, {result.steps_done} step(s) done"
             + (f", {result.steps_skipped} already done before" if result.steps_skipped else "") + ".")
+    if connections:
+        counts = sorted(set(connections.values()))
+        text += (f"\nSSH connections: {len(connections)} host(s), "
+                 f"{'/'.join(map(str, counts))} per host.")
     if kubeconfig is not None:
         text += f"\nAdmin kubeconfig: {kubeconfig}"
     _emit(g, text, {"run": result.run_id, "steps_done": result.steps_done,
-                    "steps_skipped": result.steps_skipped,
+                    "steps_skipped": result.steps_skipped, "connections": connections,
                     "kubeconfig": str(kubeconfig) if kubeconfig else None})
 
 

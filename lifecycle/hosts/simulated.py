@@ -490,6 +490,10 @@ class SimBackend:
     def etcd(self) -> SimEtcd:
         return SimEtcd(self.world)
 
+    @property
+    def connections(self) -> dict[str, int]:
+        return dict(self.world.connections)
+
     def clock(self) -> float:
         return self.world.clock()
 

@@ -1,7 +1,8 @@
 """End-to-end checks of the local testbed (scenarios/testbed/testbed.py) on this machine.
 
-The session fixture runs `testbed.py up 3` as CI does (root machine) and `down` at the end. The
-hosts are real: each has its own sshd and Docker Engine, images come from the testbed registry.
+The shared session testbed (tests/e2e/conftest.py) runs `testbed.py up 3` as CI does (root
+machine) and `down` at the end of the session. The hosts are real: each has its own sshd and
+Docker Engine, images come from the testbed registry.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
@@ -37,19 +37,6 @@ def run_testbed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess
 
 def status() -> dict:
     return json.loads(run_testbed("status", "--json").stdout)
-
-
-@pytest.fixture(scope="session")
-def testbed_up() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.fail("the e2e testbed needs root (namespaces, bridges, dockerd): run pytest as root")
-    res = run_testbed("up", "3")
-    assert res.returncode == 0, f"testbed up failed:\n{res.stderr}"
-    try:
-        yield
-    finally:
-        down = run_testbed("down")
-        assert down.returncode == 0, down.stderr
 
 
 def connect(address: str, user: str) -> paramiko.SSHClient:
