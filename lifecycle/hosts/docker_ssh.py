@@ -70,7 +70,7 @@ class CertMaterialLike(Protocol):
 TLSLookup = Callable[[str], "CertMaterialLike | None"]
 
 
-# ---------------------------------------------------------------------------- Docker over our transport
+# ------------------------------------------------------------------ Docker over our transport
 def dial_stdio_command(docker_socket: str = DEFAULT_DOCKER_SOCKET) -> str:
     """The remote command that bridges a channel to the Docker socket."""
     if not docker_socket or docker_socket == DEFAULT_DOCKER_SOCKET:
@@ -152,7 +152,7 @@ def api_client(transport: paramiko.Transport, docker_socket: str = DEFAULT_DOCKE
     shell_adapter = client.adapters.get("http+docker://ssh")
     adapter = TransportAdapter(transport, docker_socket, timeout)
     client.mount("http+docker://ssh", adapter)
-    client._custom_adapter = adapter
+    client._custom_adapter = adapter  # what the SDK's own ssh:// setup sets too
     if isinstance(shell_adapter, requests.adapters.BaseAdapter):
         shell_adapter.close()
     client._version = client.version(api_version=False)["ApiVersion"]
@@ -215,7 +215,8 @@ class SSHHost:
         """The Docker API did not answer: ask the docker CLI why, and say what to do."""
         sock, user, addr = self.docker_socket, self.ref.user, self.ref.address
         code, _out, err = self.run_command(
-            f"docker -H unix://{sock} version --format '{{{{.Server.APIVersion}}}}'", timeout=30)
+            f"docker -H {shlex.quote('unix://' + sock)} version"
+            " --format '{{.Server.APIVersion}}'", timeout=30)
         self.client.close()
         low = err.lower()
         if "permission denied" in low:
@@ -239,11 +240,11 @@ class SSHHost:
             yield
         except docker.errors.APIError as exc:
             raise HostError(self.name, f"{what}: {exc.explanation or exc}") from None
-        except (requests.exceptions.ConnectionError, paramiko.SSHException, EOFError,
-                ConnectionError) as exc:
-            raise HostUnreachableError(self.name, f"{what}: lost the connection ({exc})") from None
-        except requests.exceptions.Timeout:
+        except (requests.exceptions.Timeout, TimeoutError):
             raise HostError(self.name, f"{what}: the Docker Engine did not answer in time") from None
+        except (requests.exceptions.ConnectionError, paramiko.SSHException, EOFError,
+                OSError) as exc:
+            raise HostUnreachableError(self.name, f"{what}: lost the connection ({exc})") from None
         except docker.errors.DockerException as exc:
             raise HostError(self.name, f"{what}: {exc}") from None
 
@@ -403,7 +404,10 @@ class SSHHost:
     def probe(self, spec: ServiceSpec) -> bool:
         """One GET of the health URL as seen from the node (tunnelled over our SSH connection)."""
         if spec.health is None:
-            have = self.containers().get(spec.name)
+            try:
+                have = self.containers().get(spec.name)
+            except HostError:
+                return False
             return bool(have and have.running)
         try:
             status, body = self.http_get(spec.health)

@@ -20,6 +20,10 @@ from lifecycle.hosts import EtcdMember
 from lifecycle.spec import NodeRef
 
 ETCD_CONTAINER = "etcd"
+# etcd refuses `member add` until every member has been connected for a few seconds
+# (--strict-reconfig-check): how long add_member waits that out.
+ADD_RETRY_SECONDS = 30.0
+ADD_RETRY_INTERVAL = 2.0
 # etcd-server errors that a different member may not give (no leader yet, a timeout): try on.
 _RETRYABLE = ("request timed out", "leader changed", "no leader", "not capable",
               "too many requests", "server stopped", "rpc not supported for learner",
@@ -32,6 +36,10 @@ class _ExecHost(Protocol):
 
 class _HostSource(Protocol):
     def host(self, node: NodeRef) -> Any: ...
+
+    def clock(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
 
 
 def member_name(node: NodeRef) -> str:
@@ -54,11 +62,12 @@ class EtcdctlAPI:
     def _order(self) -> list[NodeRef]:
         return sorted(self.nodes, key=lambda n: (n.name != self._last_good, n.name))
 
-    def _etcdctl(self, *args: str, json_out: bool = False) -> tuple[str, Any]:
+    def _etcdctl(self, *args: str, json_out: type | None = None) -> tuple[str, Any]:
         """Run etcdctl on the first host that answers: (output, parsed JSON or None).
 
-        With `json_out`, a non-zero exit that still printed JSON counts as an answer
-        (`endpoint health` exits 1 when any member is unhealthy).
+        With `json_out` (dict or list: the shape `-w json` prints), a non-zero exit that still
+        printed that JSON counts as an answer (`endpoint health` exits 1 when any member is
+        unhealthy); the client library's JSON log lines on stderr never do.
         """
         tried: list[str] = []
         for node in self._order():
@@ -68,7 +77,7 @@ class EtcdctlAPI:
             except HostError as exc:
                 tried.append(f"{node.name}: {_short(str(exc))}")
                 continue
-            data = _json(out) if json_out else None
+            data = _json(out, json_out) if json_out else None
             if code == 0 or data is not None:
                 self._last_good = node.name
                 return out, data
@@ -82,7 +91,7 @@ class EtcdctlAPI:
                                    " containers (`rkel status`, `docker logs etcd`) and quorum")
 
     def _raw_members(self) -> list[dict[str, Any]]:
-        _out, data = self._etcdctl("member", "list", "-w", "json", json_out=True)
+        _out, data = self._etcdctl("member", "list", "-w", "json", json_out=dict)
         if not isinstance(data, dict):
             raise HostError("etcd", "etcdctl member list printed no JSON")
         return list(data.get("members") or [])
@@ -116,9 +125,26 @@ class EtcdctlAPI:
         return sorted(out, key=lambda m: m.name)
 
     def add_member(self, name: str, peer_url: str) -> None:
-        """`member add --learner`: the new member does not count towards quorum until promoted."""
+        """`member add --learner`: the new member does not count towards quorum until promoted.
+
+        A cluster that etcd calls unhealthy for reconfiguration (members connected for under 5 s,
+        an election) is waited out for up to ADD_RETRY_SECONDS; a member already added with this
+        peer URL (an earlier attempt that did succeed) counts as done.
+        """
         self._added[peer_url] = name
-        self._etcdctl("member", "add", name, f"--peer-urls={peer_url}", "--learner")
+        deadline = self.backend.clock() + ADD_RETRY_SECONDS
+        while True:
+            try:
+                self._etcdctl("member", "add", name, f"--peer-urls={peer_url}", "--learner")
+                return
+            except HostError as exc:
+                if "already exists" in str(exc) and any(
+                    peer_url in (m.get("peerURLs") or []) for m in self._raw_members()
+                ):
+                    return
+                if not isinstance(exc, HostUnreachableError) or self.backend.clock() > deadline:
+                    raise
+            self.backend.sleep(ADD_RETRY_INTERVAL)
 
     def promote_member(self, name: str) -> None:
         member_id = self._id_of(name)
@@ -143,7 +169,7 @@ class EtcdctlAPI:
                 by_url[url.rstrip("/")] = name
         if not by_url:
             return dict(sorted(result.items()))
-        _out, data = self._etcdctl("endpoint", "health", "--cluster", "-w", "json", json_out=True)
+        _out, data = self._etcdctl("endpoint", "health", "--cluster", "-w", "json", json_out=list)
         answered: set[str] = set()
         for entry in data if isinstance(data, list) else []:
             who = by_url.get(str(entry.get("endpoint", "")).rstrip("/"))
@@ -156,15 +182,21 @@ class EtcdctlAPI:
         return dict(sorted(result.items()))
 
 
-def _json(text: str) -> Any:
-    """The first line of `text` that is a JSON object or list (etcdctl adds stderr noise)."""
+def _json(text: str, shape: type) -> Any:
+    """The first line of `text` that is JSON of `shape` and not a log record of etcd's client
+    library (`{"level": ..., "msg": ...}` lines on stderr)."""
     for line in text.splitlines():
         line = line.strip()
-        if line[:1] in ("{", "["):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
+        if line[:1] not in ("{", "["):
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "level" in value and "msg" in value:
+            continue
+        if isinstance(value, shape):
+            return value
     return None
 
 

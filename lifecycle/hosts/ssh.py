@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import paramiko
@@ -84,13 +84,13 @@ class _PinPolicy(paramiko.MissingHostKeyPolicy):
 # ---------------------------------------------------------------------------- credentials
 @dataclass(frozen=True)
 class _Login:
-    """How to reach and log in to one SSH server (never holds the key itself)."""
+    """How to reach and log in to one SSH server. An inline key is kept out of its repr."""
 
     node: str  # the name errors carry
     address: str
     port: int
     user: str
-    key_text: str  # inline PEM, "" when a path or the agent is used
+    key_text: str = field(repr=False)  # inline PEM, "" when a path or the agent is used
     key_path: str
     key_source: str  # what the key came from, for messages
     agent: bool
@@ -193,12 +193,17 @@ class SSHBackend:
             return host
 
     def etcd(self) -> EtcdctlAPI:
+        """etcdctl through the etcd hosts of cluster.yml and any etcd host reached this run
+        (a member being removed is no longer in the file)."""
         with self._lock:
+            nodes = {n.name: node_ref(n) for n in self.config.nodes_with("etcd")}
+            for name, ref in self._etcd_nodes.items():
+                nodes.setdefault(name, ref)
+            ordered = sorted(nodes.values(), key=lambda n: n.name)
             if self._etcd is None:
-                nodes = {n.name: node_ref(n) for n in self.config.nodes_with("etcd")}
-                for name, ref in self._etcd_nodes.items():
-                    nodes.setdefault(name, ref)
-                self._etcd = EtcdctlAPI(self, sorted(nodes.values(), key=lambda n: n.name))
+                self._etcd = EtcdctlAPI(self, ordered)
+            else:
+                self._etcd.nodes = ordered
             return self._etcd
 
     def kube(self) -> NoKubeAPI:
@@ -226,15 +231,22 @@ class SSHBackend:
         return by_name or next((n for n in self.config.nodes if n.address == ref.address), None)
 
     def _login(self, ref: NodeRef) -> _Login:
-        """RKE's precedence: node ssh_key, node ssh_key_path, cluster ssh_key_path; agent if on."""
-        cfg, cluster = self._node_config(ref), self.config
+        """RKE's precedence: node ssh_key, node ssh_key_path, cluster ssh_key_path; agent if on.
+
+        A node no longer in cluster.yml (being removed) logs in like the first node that has its
+        SSH user: a cluster's nodes almost always share one key, and the file has no other.
+        """
+        cluster = self.config
+        cfg = self._node_config(ref)
+        cfg = cfg or next((n for n in cluster.nodes if n.user == ref.user), None)
+        lent = f", lent by node {cfg.address}" if cfg and cfg.address != ref.address else ""
         key_text = cfg.ssh_key if cfg else ""
         node_path = cfg.ssh_key_path if cfg else ""
-        if key_text:
-            path, source = "", f"the ssh_key of node {ref.address} in cluster.yml"
-        elif node_path:
+        if key_text and cfg:
+            path, source = "", f"the ssh_key of node {cfg.address} in cluster.yml"
+        elif node_path and cfg:
             path = os.path.expanduser(node_path)
-            source = f"key file {path} (ssh_key_path of node {ref.address})"
+            source = f"key file {path} (ssh_key_path of node {cfg.address}{lent})"
         elif cluster.ssh_key_path:
             path = os.path.expanduser(cluster.ssh_key_path)
             source = f"key file {path} (cluster ssh_key_path)"
@@ -273,7 +285,8 @@ class SSHBackend:
             client = self._ssh(login, lambda: self._tunnel(login))
         else:
             client = self._ssh(login, lambda: _dial(login))
-        self.connections[ref.name] += 1
+        with self._lock:
+            self.connections[ref.name] += 1
         cfg = self._node_config(ref)
         try:
             return SSHHost(ref, client,
@@ -309,7 +322,8 @@ class SSHBackend:
                 return have
             login = self._bastion_login()
             client = self._ssh(login, lambda: _dial(login))
-            self.connections[login.address] += 1
+            with self._lock:
+                self.connections[login.address] += 1
             self._bastion = client
             return client
 
@@ -338,7 +352,9 @@ class SSHBackend:
         except paramiko.BadHostKeyException as exc:
             client.close()
             sock.close()
-            self._changed_key(login.node, name, exc.expected_key, exc.key)
+            # The fingerprint as pinned (and as `rkel hosts` lists it).
+            self._changed_key(login.node, name, exc.expected_key, exc.key,
+                              pinned.fingerprint if pinned else "")
         except paramiko.AuthenticationException:
             client.close()
             sock.close()

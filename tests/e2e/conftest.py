@@ -32,6 +32,8 @@ def run_testbed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess
 class Testbed:
     """The session's testbed: its state dir, key, cluster.yml, and the shape it is in."""
 
+    __test__ = False  # not a test class, despite the name
+
     def __init__(self) -> None:
         self.state_dir = STATE_DIR
         self.key = STATE_DIR / "keys" / "id_ed25519"

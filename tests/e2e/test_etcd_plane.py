@@ -62,9 +62,11 @@ class Story:
         with (self.workdir / "cluster.yml").open("w") as fh:
             yaml.dump(data, fh)
 
-    def apply(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return rkel(self.workdir, "apply", "--only", "etcd", "--only", "removals", "--yes",
-                    *args, env=env)
+    def apply(self, *args: str, env: dict[str, str] | None = None,
+              json_output: bool = False) -> subprocess.CompletedProcess[str]:
+        output = ["-o", "json"] if json_output else []
+        return rkel(self.workdir, *output, "apply", "--only", "etcd", "--only", "removals",
+                    "--yes", *args, env=env)
 
     def ssh(self, host: str, command: str) -> str:
         client = paramiko.SSHClient()
@@ -127,7 +129,7 @@ def story(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Story:
 def test_apply_brings_up_three_members(story: Story) -> None:
     story.write(["rkn1", "rkn2", "rkn3"])
     started = time.monotonic()
-    result = story.apply("-o", "json")
+    result = story.apply(json_output=True)
     story.timings["apply-3"] = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

@@ -14,34 +14,43 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
+from conftest import Testbed, run_testbed
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from lifecycle.config.loader import load_config
-from lifecycle.config.model import ClusterConfig
+from lifecycle.config.model import ClusterConfig, PrivateRegistry
 from lifecycle.desired import compile_desired
 from lifecycle.errors import HostError, HostUnreachableError
-from lifecycle.hosts.docker_ssh import HELPER_LABEL
-from lifecycle.hosts.ssh import SSHBackend, SSHHost, _parse_key, fingerprint, node_ref
+from lifecycle.hosts.docker_ssh import HELPER_LABEL, registry_auth
+from lifecycle.hosts.ssh import (
+    SSHBackend,
+    SSHHost,
+    _parse_key,
+    fingerprint,
+    helper_image,
+    node_ref,
+)
 from lifecycle.pki import PKI
 from lifecycle.spec import SPEC_HASH_LABEL, HealthCheck, NodeRef, ServiceSpec
 from store import Store
 
-from conftest import Testbed
-
 REGISTRY = "10.77.0.1:5000"
 TOOLS = f"{REGISTRY}/rancher/rke-tools:testbed"
-HOSTS = {"rkn1": "10.77.0.11", "rkn2": "10.77.0.12", "rkn3": "10.77.0.13"}
 SLEEPER = ServiceSpec(name="tb-sleep", image=TOOLS, command=("sleep", "3600"), network_mode="host",
                       restart="no", labels=(("io.rkel.test", "yes"),))
+# `sleep` as PID 1 ignores SIGTERM (a stop would wait out Docker's 10 s); this one exits on it.
+STOPPABLE = dataclasses.replace(SLEEPER, name="tb-stoppable",
+                                command=("sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"))
 WEB = ServiceSpec(
     name="tb-web", image=TOOLS, network_mode="host", restart="no",
-    command=("sh", "-c", "mkdir -p /www && echo ok > /www/health && "
-             "exec httpd -f -p 127.0.0.1:18080 -h /www"),
+    command=("sh", "-c", ("mkdir -p /www && echo ok > /www/health && "
+                          "exec httpd -f -p 127.0.0.1:18080 -h /www")),
     health=HealthCheck(url="http://127.0.0.1:18080/health", expect="ok"),
 )
 VIEWER = ServiceSpec(name="tb-view", image=TOOLS, command=("sleep", "3600"), restart="no",
@@ -84,7 +93,7 @@ def backend(config: ClusterConfig, store: Store, notices: list[str],
     finally:
         for ref in refs.values():
             host = b.host(ref)
-            for name in ("tb-sleep", "old-tb-sleep", "tb-web", "tb-view", "etcd"):
+            for name in ("tb-sleep", "old-tb-sleep", "tb-stoppable", "tb-web", "tb-view", "etcd"):
                 host.remove_container(name)
             host.remove_paths(["/etc/kubernetes/ssl", "/var/lib/etcd"])
         b.close()
@@ -202,11 +211,31 @@ def test_a_wrong_key_is_an_authentication_error_naming_user_host_and_key(
 
 
 @pytest.mark.e2e
-def test_inline_ssh_key_is_used(config: ClusterConfig, testbed: Testbed, tmp_path: Path) -> None:
-    cfg = with_node(config, ssh_key=testbed.key.read_text(), ssh_key_path="/nonexistent")
+def test_inline_ssh_key_and_another_docker_socket_path(
+    config: ClusterConfig, testbed: Testbed, tmp_path: Path
+) -> None:
+    # /run/docker.sock is where the testbed's engines listen (/var/run links to /run): a
+    # non-default docker_socket makes dial-stdio use `docker -H unix://...`.
+    cfg = with_node(config, ssh_key=testbed.key.read_text(), ssh_key_path="/nonexistent",
+                    docker_socket="/run/docker.sock")
     backend = fresh_backend(cfg, tmp_path)
     try:
-        assert isinstance(backend.host(node_ref(cfg.nodes[0])).containers(), dict)
+        host = backend.host(node_ref(cfg.nodes[0]))
+        assert host.api.info()["Name"] == "rkn1"
+        assert isinstance(host.containers(), dict)
+    finally:
+        backend.close()
+
+
+@pytest.mark.e2e
+def test_a_node_no_longer_in_cluster_yml_logs_in_like_its_peers(
+    config: ClusterConfig, refs: dict[str, NodeRef], tmp_path: Path
+) -> None:
+    # Being removed: rkn1 is gone from the file, whose only key paths are the nodes' own.
+    cfg = dataclasses.replace(config, nodes=config.nodes[1:], ssh_key_path="~/.ssh/id_rsa")
+    backend = fresh_backend(cfg, tmp_path)
+    try:
+        assert backend.host(refs["rkn1"]).api.info()["Name"] == "rkn1"
     finally:
         backend.close()
 
@@ -251,15 +280,19 @@ def test_container_lifecycle(backend: SSHBackend, refs: dict[str, NodeRef]) -> N
 
     host.rename_container(SLEEPER.name, "old-tb-sleep")
     assert set(host.containers()) >= {"old-tb-sleep"} and SLEEPER.name not in host.containers()
-    host.stop_container("old-tb-sleep")
-    assert host.containers()["old-tb-sleep"].running is False
-    host.start_container("old-tb-sleep")
-    assert host.containers()["old-tb-sleep"].running is True
-    host.remove_container("old-tb-sleep")
+    host.remove_container("old-tb-sleep")  # running: removed by force
     host.remove_container("old-tb-sleep")  # gone already: no error
     assert "old-tb-sleep" not in host.containers()
     with pytest.raises(HostError, match="No such container"):
         host.stop_container("old-tb-sleep")
+
+    host.remove_container(STOPPABLE.name)
+    host.run_container(STOPPABLE)
+    host.stop_container(STOPPABLE.name)
+    assert host.containers()[STOPPABLE.name].running is False
+    host.start_container(STOPPABLE.name)
+    assert host.containers()[STOPPABLE.name].running is True
+    host.remove_container(STOPPABLE.name)
     with pytest.raises(HostError):
         host.run_container(dataclasses.replace(SLEEPER, image=f"{REGISTRY}/rkel-test/nope:1"))
 
@@ -308,9 +341,11 @@ def test_put_files_root_owned_0600_as_nonroot_user(
         # No helper is left, and none carried the content in its command or environment.
         assert not host.api.containers(all=True, filters={"label": f"{HELPER_LABEL}=1"})
 
+        host.put_files({"/etc/kubernetes/ssl/keep.pem": b"stays"})
         host.remove_paths(["/etc/kubernetes/ssl/sub", "/etc/kubernetes/ssl/test.pem"])
         code, out = host.exec(VIEWER.name, ["ls", "-A", "/etc/kubernetes/ssl"])
-        assert (code, out) == (0, "")
+        assert code == 0 and "keep.pem" in out.split()
+        assert not {"sub", "test.pem"} & set(out.split())
     finally:
         host.remove_container(VIEWER.name)
     with pytest.raises(HostError, match="absolute"):
@@ -426,17 +461,59 @@ def test_every_operation_above_used_one_connection_per_host(backend: SSHBackend)
     assert all(isinstance(h, SSHHost) and h.alive() for h in backend._hosts.values())
 
 
+@pytest.mark.e2e
+def test_a_dead_connection_is_reported_then_replaced(
+    config: ClusterConfig, refs: dict[str, NodeRef], tmp_path: Path
+) -> None:
+    """A rebooted host: operations on the old connection fail plainly, host() reconnects."""
+    backend = fresh_backend(config, tmp_path)
+    try:
+        host = backend.host(refs["rkn3"])
+        assert run_testbed("stop-host", "3").returncode == 0
+        try:
+            with pytest.raises(HostUnreachableError):
+                host.containers()
+        finally:
+            assert run_testbed("start-host", "3").returncode == 0
+        again = backend.host(refs["rkn3"])
+        assert again is not host and isinstance(again.containers(), dict)
+        assert backend.connections["rkn3"] == 2
+    finally:
+        backend.close()
+
+
 # ---------------------------------------------------------------------------- offline
-@pytest.mark.parametrize("make", [
-    lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    lambda: ec.generate_private_key(ec.SECP256R1()),
-    lambda: ed25519.Ed25519PrivateKey.generate(),
-])
-@pytest.mark.parametrize("fmt", ["pem", "openssh"])
-def test_inline_keys_of_every_kind_parse(make: object, fmt: str) -> None:
-    key = make()  # type: ignore[operator]
-    if fmt == "pem" and isinstance(key, ed25519.Ed25519PrivateKey):
-        pytest.skip("ed25519 has no traditional PEM form")
+def test_registry_credentials_and_helper_image_follow_cluster_yml(config: ClusterConfig) -> None:
+    regs = (PrivateRegistry("https://registry.example.com/", "bob", "s3cret"),
+            PrivateRegistry("docker.io", "alice", "pw"), PrivateRegistry("10.77.0.1:5000"))
+    assert registry_auth(regs, "registry.example.com/team/app:1") == {
+        "username": "bob", "password": "s3cret", "serveraddress": "registry.example.com"}
+    assert registry_auth(regs, "rancher/rke-tools:v1")["username"] == "alice"  # type: ignore[index]
+    assert registry_auth(regs, "10.77.0.1:5000/x:1") is None  # no user: anonymous
+    assert "s3cret" not in repr(regs)
+    assert helper_image(config) == TOOLS  # system_images.cert_downloader, as given
+    plain = dataclasses.replace(config, system_images={})
+    assert helper_image(plain).startswith(f"{REGISTRY}/rancher/rke-tools:")  # default, prefixed
+
+
+
+KEY_KINDS = [
+    ("rsa", "pem"), ("rsa", "openssh"), ("ecdsa", "pem"), ("ecdsa", "openssh"),
+    ("ed25519", "openssh"),  # ed25519 has no traditional PEM form
+]
+
+
+def _new_key(kind: str) -> object:
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ecdsa":
+        return ec.generate_private_key(ec.SECP256R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.mark.parametrize(("kind", "fmt"), KEY_KINDS)
+def test_inline_keys_of_every_kind_parse(kind: str, fmt: str) -> None:
+    key: Any = _new_key(kind)
     form = (serialization.PrivateFormat.OpenSSH if fmt == "openssh"
             else serialization.PrivateFormat.TraditionalOpenSSL)
     text = key.private_bytes(serialization.Encoding.PEM, form,
