@@ -18,7 +18,7 @@ fi
 # Debian's packages start their own daemons; the testbed runs its own per host instead, and
 # the machine-wide ones are not needed (they are left as the package set them up).
 
-PY=${PYTHON:-python3.11}
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
