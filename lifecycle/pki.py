@@ -26,7 +26,14 @@ from lifecycle.desired_certs import cert_path, is_ca, key_path, kubeconfig_path
 from lifecycle.errors import PlanError, StateError
 from lifecycle.kubeconfig import file_kubeconfig, inline_kubeconfig
 from lifecycle.pki_key import STATE_KEY_ENV, load_state_key, state_key_path
-from lifecycle.pki_x509 import Issued, issue_ca, issue_leaf, issued_by, load_cert, load_key
+from lifecycle.pki_x509 import (
+    Issued,
+    issue_ca,
+    issue_leaf,
+    issued_by,
+    load_cert,
+    load_key,
+)
 from lifecycle.spec import CertRequest, Desired
 from store import CertificateRow, PutCertificate, Store
 

@@ -286,7 +286,9 @@ def real_session(
 ) -> RealSession:
     """Open the state key and PKI (creating the certificates `desired` needs, when given) and
     an SSH backend that checks health with them."""
-    from lifecycle.hosts.ssh import SSHBackend  # paramiko and docker only when really needed
+    from lifecycle.hosts.ssh import (
+        SSHBackend,  # paramiko and docker only when really needed
+    )
 
     pki = PKI(store, load_state_key(Path(store.path)))
     generated = pki.ensure(desired) if desired is not None else []

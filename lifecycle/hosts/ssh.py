@@ -30,7 +30,7 @@ import paramiko
 from lifecycle.config.model import ClusterConfig, Node
 from lifecycle.desired_args import has_registry_host, registry_host
 from lifecycle.errors import HostError, HostUnreachableError
-from lifecycle.hosts import DrainOptions, KubeNode
+from lifecycle.hosts import DrainOptions, KubeAPI, KubeNode
 from lifecycle.hosts.docker_ssh import (
     DEFAULT_DOCKER_SOCKET,
     DEFAULT_HELPER_IMAGE,
@@ -171,6 +171,7 @@ class SSHBackend:
         self._bastion: paramiko.SSHClient | None = None
         self._bastion_lock = threading.Lock()
         self._etcd: EtcdctlAPI | None = None
+        self._kube: KubeAPI | None = None
         self._etcd_nodes: dict[str, NodeRef] = {}
         self.helper_image = helper_image(config)
 
@@ -206,8 +207,18 @@ class SSHBackend:
                 self._etcd.nodes = ordered
             return self._etcd
 
-    def kube(self) -> NoKubeAPI:
-        return NoKubeAPI()
+    def kube(self) -> KubeAPI:
+        """The Kubernetes API of the cluster, as kube-admin, through any controlplane node."""
+        with self._lock:
+            if self._kube is None:
+                admin = self.tls("kube-admin") if self.tls is not None else None
+                if admin is None:
+                    return NoKubeAPI()
+                from lifecycle.hosts.kube import KubernetesAPI
+
+                servers = [f"https://{n.address}:6443" for n in self.config.nodes_with("controlplane")]
+                self._kube = KubernetesAPI(servers, admin)
+            return self._kube
 
     def clock(self) -> float:
         return time.monotonic()
