@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import pwd
 import subprocess
 import time
@@ -450,9 +451,13 @@ def test_etcd_cluster_with_rkel_specs_and_certs(
 
 
 @pytest.mark.e2e
-def test_kube_api_is_not_part_of_this_build(backend: SSHBackend) -> None:
-    with pytest.raises(HostError, match="not part of this build yet"):
+def test_kube_api_without_an_api_server_says_so(backend: SSHBackend) -> None:
+    # No kube-apiserver runs on the testbed here: every controlplane node refuses port 6443.
+    started = time.monotonic()
+    with pytest.raises(HostUnreachableError, match="no API server answered") as info:
         backend.kube().node("rkn1")
+    assert "https://10.77.0.11:6443" in str(info.value)
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.e2e
@@ -524,3 +529,31 @@ def test_inline_keys_of_every_kind_parse(kind: str, fmt: str) -> None:
     assert parsed.get_base64() == want
     with pytest.raises(HostError, match="not a private key"):
         _parse_key("garbage", "the test key", "node")
+
+
+@pytest.mark.e2e
+def test_ssh_agent_auth_logs_in_with_the_agents_key(
+    config: ClusterConfig, testbed: Testbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", str(testbed.key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        node = dataclasses.replace(config.nodes[0], ssh_key_path="", ssh_key="")
+        cfg = dataclasses.replace(config, nodes=(node,), ssh_key_path=str(tmp_path / "none"),
+                                  ssh_agent_auth=True)
+        backend = fresh_backend(cfg, tmp_path)
+        try:
+            code, out, _ = backend.host(node_ref(node)).run_command("id -un")
+            assert (code, out.strip()) == (0, "rkel")
+        finally:
+            backend.close()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
