@@ -86,3 +86,27 @@ def test_private_hosts_only_through_the_bastion(bastion_config: ClusterConfig,
             assert len(notices) == 3
         finally:
             backend.close()
+
+
+@pytest.mark.e2e
+def test_rkel_apply_through_the_bastion(bastion_config: ClusterConfig, testbed: Testbed,
+                                        tmp_path: Path) -> None:
+    """The whole command, not just the backend: two etcd members on hosts only the bastion
+    reaches, health-checked through the tunnelled connections."""
+    import shutil
+    import subprocess
+    import sys
+
+    cluster = tmp_path / "cluster.yml"
+    shutil.copy(testbed.cluster_yml, cluster)
+    root = Path(__file__).resolve().parents[2]
+    run = [sys.executable, "-m", "lifecycle", "-c", str(cluster)]
+    applied = subprocess.run([*run, "apply", "--only", "etcd", "--yes"], cwd=root,
+                             capture_output=True, text=True, timeout=600)
+    assert applied.returncode == 0, applied.stderr
+    assert f"pinned host key of {BASTION_ADDRESS}" in applied.stderr
+    status = subprocess.run([*run, "status"], cwd=root, capture_output=True, text=True,
+                            timeout=60).stdout
+    assert status.count("etcd                     running") == 2, status
+    for address in PRIVATE.values():
+        assert address in status
