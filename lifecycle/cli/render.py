@@ -141,10 +141,25 @@ def status_text(nodes: list[NodeRow], services: list[ServiceRow], run: RunRow | 
         out.append(f"{n.name:<24} {','.join(n.roles):<26} {n.state:<10} {n.address}")
         for s in sorted(by_node.get(n.name, []), key=lambda s: s.name):
             out.append(f"    {s.name:<24} {s.state:<10} {s.image or ''}")
+    legend = [f"  {state}: {NODE_STATES[state]}" for state in sorted({n.state for n in nodes})
+              if state in NODE_STATES and state != "running"]
+    if legend:
+        out += ["", "node states:", *legend]
     if run is not None:
         out.append("")
         out.append(f"last run: {run.id} {run.kind} {run.status} (started {run.started_at})")
     return "\n".join(out)
+
+
+NODE_STATES = {
+    "absent": "known to rkel, nothing on it yet",
+    "certs": "certificates delivered; not every service of the node is up yet "
+             "(e.g. after `apply --only etcd`)",
+    "draining": "cordoned for a change in progress",
+    "upgraded": "services replaced, not yet uncordoned",
+    "failed": "a step failed on it; `rkel history` shows which, `rkel apply` retries",
+    "removing": "leaving the cluster",
+}
 
 
 def history_text(runs: list[RunRow]) -> str:
