@@ -333,13 +333,21 @@ class SSHHost:
         except HostError as exc:
             if "No such image" not in str(exc) and "not found" not in str(exc).lower():
                 raise
-        auth = registry_auth(self.registries, image)
-        with self._docker(f"pulling image {image}"):
-            for event in self.api.pull(image, stream=True, decode=True, auth_config=auth):
-                if isinstance(event, dict) and event.get("error"):
-                    raise HostError(self.name, f"pulling image {image} failed: {event['error']};"
-                                    " check the image reference, the registry and the"
-                                    " private_registries credentials in cluster.yml")
+        # {} and not None: with None, docker-py would send this machine's own
+        # ~/.docker/config.json credentials to the node's engine.
+        auth = registry_auth(self.registries, image) or {}
+        hint = ("check the image reference, the registry and the private_registries credentials"
+                " in cluster.yml")
+        try:
+            with self._docker(f"pulling image {image}"):
+                for event in self.api.pull(image, stream=True, decode=True, auth_config=auth):
+                    if isinstance(event, dict) and event.get("error"):
+                        raise HostError(self.name, f"pulling image {image} failed:"
+                                        f" {event['error']}; {hint}")
+        except HostError as exc:
+            if hint in str(exc):
+                raise
+            raise HostError(self.name, f"{str(exc).removeprefix(self.name + ': ')}; {hint}") from None
 
     # ------------------------------------------------------------------ files
     def put_files(self, files: Mapping[str, bytes]) -> None:

@@ -3,12 +3,17 @@
 Images are root filesystems assembled from the machine's own files (Debian's python3.11, etcd,
 etcdctl, busybox and the libraries `ldd` names for them), turned into images with
 `tar -C ROOTFS -c . | docker import -` on one of the testbed's engines, and pushed to the
-testbed registry (docker-registry, filesystem storage under the state dir).
+testbed registry (docker-registry, filesystem storage under the state dir). A second registry
+process serves the same storage on AUTH_REGISTRY and requires HTTP basic auth (user AUTH_USER,
+a password generated once and kept 0600 in the state dir, never printed).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,11 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from network import GATEWAY, REGISTRY_PORT, Host
+from network import AUTH_REGISTRY_PORT, GATEWAY, REGISTRY_PORT, Host
 from nodes import DOCKER_CLI, StateDir
 from procs import ProcRecord, TestbedError, launch, log, run
 
 REGISTRY = f"{GATEWAY}:{REGISTRY_PORT}"
+AUTH_REGISTRY = f"{GATEWAY}:{AUTH_REGISTRY_PORT}"
+AUTH_USER = "rkel-pull"
+AUTH_REALM = "rkel-testbed"
+HTPASSWD = "/usr/bin/htpasswd"  # apache2-utils: bcrypt (-B), the only hash docker-registry takes
 MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -51,28 +60,84 @@ IMAGES = (
 )
 
 
-def registry_config(sd: StateDir, addr: str) -> dict[str, Any]:
+def registry_config(sd: StateDir, addr: str, auth: bool = False) -> dict[str, Any]:
     """docker-registry configuration (JSON is YAML) serving the shared storage on `addr`."""
-    return {
+    cfg: dict[str, Any] = {
         "version": "0.1",
         "log": {"level": "info", "formatter": "text"},
         "storage": {"filesystem": {"rootdirectory": str(sd.registry / "data")},
                     "delete": {"enabled": True}},
         "http": {"addr": addr},
     }
+    if auth:
+        cfg["auth"] = {"htpasswd": {"realm": AUTH_REALM, "path": str(sd.registry_auth / "htpasswd")}}
+    return cfg
 
 
-def start_registry(sd: StateDir, name: str, addr: str, netns: Path | None) -> ProcRecord:
+def registry_password(sd: StateDir) -> str:
+    """The auth registry's password for AUTH_USER: generated once, kept 0600, never printed."""
+    sd.registry_auth.mkdir(parents=True, exist_ok=True)
+    sd.registry_auth.chmod(0o700)
+    path = sd.registry_password
+    try:
+        password = path.read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    if not password:
+        password = secrets.token_urlsafe(24)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        tmp.replace(path)
+    path.chmod(0o600)
+    return password
+
+
+def write_htpasswd(sd: StateDir) -> None:
+    """(Re)write the htpasswd file for AUTH_USER: bcrypt, the password fed on stdin (`-i`)."""
+    if not Path(HTPASSWD).exists():
+        raise TestbedError(f"{HTPASSWD} is missing; Debian's apache2-utils provides it: run "
+                           "`apt-get install -y apache2-utils` (or pass --install-packages)")
+    password = registry_password(sd)
+    target = sd.registry_auth / "htpasswd"
+    tmp = target.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    run([HTPASSWD, "-B", "-i", "-c", str(tmp), AUTH_USER], stdin=password.encode())
+    tmp.chmod(0o600)
+    tmp.replace(target)
+
+
+def basic_auth(sd: StateDir) -> str:
+    """The Authorization header value for AUTH_USER (never logged)."""
+    token = base64.b64encode(f"{AUTH_USER}:{registry_password(sd)}".encode()).decode()
+    return f"Basic {token}"
+
+
+def registry_up(sd: StateDir, addr: str, netns: Path | None, auth: bool = False) -> bool:
+    """The registry answers /v2/: with 200, or for the auth registry 401 without credentials
+    and 200 with them."""
+    url = f"http://{addr}/v2/"
+    if not auth:
+        return http_status(url, netns) == 200
+    return http_status(url, netns) == 401 and http_status(url, netns, authorization=basic_auth(sd)) == 200
+
+
+def start_registry(sd: StateDir, name: str, addr: str, netns: Path | None,
+                   auth: bool = False) -> ProcRecord:
     """Start a registry process on `addr` (inside `netns` if given) and wait until it answers."""
     (sd.registry / "data").mkdir(parents=True, exist_ok=True)
+    if auth:
+        write_htpasswd(sd)
     cfg = sd.registry / f"{name}.json"
-    cfg.write_text(json.dumps(registry_config(sd, addr), indent=2) + "\n")
+    cfg.write_text(json.dumps(registry_config(sd, addr, auth), indent=2) + "\n")
     cmd = ["docker-registry", "serve", str(cfg)]
     if netns is not None:
         cmd = ["nsenter", f"--net={netns}", *cmd]
     rec = launch(cmd, sd.registry / f"{name}.log")
     deadline = time.monotonic() + 30
-    while http_status(f"http://{addr}/v2/", netns) != 200:
+    while not registry_up(sd, addr, netns, auth):
         if time.monotonic() >= deadline:
             raise TestbedError(f"registry {name} on {addr} does not answer; see {sd.registry}/{name}.log")
         time.sleep(0.2)
@@ -88,13 +153,22 @@ _HTTP_PROBE = (
 )
 
 
-def http_status(url: str, netns: Path | None = None, accept: str = "*/*") -> int:
-    """HTTP status of GET `url` (0 when unreachable), from the machine or inside `netns`."""
+def http_status(url: str, netns: Path | None = None, accept: str = "*/*",
+                authorization: str | None = None) -> int:
+    """HTTP status of GET `url` (0 when unreachable), from the machine or inside `netns`.
+
+    `authorization` (a header value, a secret) is only sent from the machine itself: it never
+    goes on a command line."""
     if netns is not None:
+        if authorization is not None:
+            raise ValueError("http_status: an Authorization header is only sent from the machine")
         cmd = ["nsenter", f"--net={netns}", sys.executable, "-c", _HTTP_PROBE, url, accept]
         out = run(cmd, check=False, timeout=15).stdout.strip()
         return int(out) if out.isdigit() else 0
-    req = urllib.request.Request(url, headers={"Accept": accept})
+    headers = {"Accept": accept}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=3) as resp:
             return int(resp.status)

@@ -22,6 +22,7 @@ PUBLIC_NET = "10.77.0"
 PRIVATE_NET = "10.78.0"
 GATEWAY = f"{PUBLIC_NET}.1"
 REGISTRY_PORT = 5000
+AUTH_REGISTRY_PORT = 5001  # same storage, HTTP basic auth (images.AUTH_USER)
 RULE_TAG = "rkel-testbed"
 NS_RE = re.compile(r"^rkn\d+$")
 VETH_RE = re.compile(r"^rkv\d+b?$")

@@ -66,6 +66,15 @@ class StateDir:
     def registry(self) -> Path:
         return self.root / "registry"
 
+    @property
+    def registry_auth(self) -> Path:
+        """The auth registry's credentials (0700): `password` (0600, kept) and `htpasswd`."""
+        return self.registry / "auth"
+
+    @property
+    def registry_password(self) -> Path:
+        return self.registry_auth / "password"
+
     def host_key(self, host: Host) -> Path:
         return self.keys / f"host_{host.name}_ed25519"
 

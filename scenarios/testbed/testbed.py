@@ -2,7 +2,8 @@
 """rkel's local multi-host testbed (TESTBED.md): N hosts with their own sshd and dockerd.
 
 Each host rknI is a network + mount + UTS namespace with its own sshd and Docker Engine; a
-private registry on 10.77.0.1:5000 serves images built from this machine's own files. rkel
+private registry on 10.77.0.1:5000 serves images built from this machine's own files (and the
+same storage on 10.77.0.1:5001 behind HTTP basic auth, user rkel-pull). rkel
 reaches the hosts exactly like real servers: SSH with a key, Docker over SSH, images from the
 private registry. Needs root and Debian packages (see REQUIRED_COMMANDS); stdlib only.
 
@@ -46,6 +47,7 @@ REQUIRED_COMMANDS = {
     "etcdctl": "etcd-client", "/usr/bin/busybox": "busybox-static", "ip": "iproute2",
     "iptables": "iptables", "nsenter": "util-linux", "unshare": "util-linux",
     "/usr/bin/python3.11": "python3.11", "tar": "tar", "ldd": "libc-bin", "useradd": "passwd",
+    images.HTPASSWD: "apache2-utils",
 }
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
@@ -147,17 +149,41 @@ def teardown(sd: StateDir, state: State) -> None:
     sd.state_file.unlink(missing_ok=True)
 
 
-def registries_wanted(hosts: list[Host]) -> dict[str, tuple[str, Path | None]]:
-    """Registry processes: name -> (listen address, network namespace or None for the machine)."""
-    wanted: dict[str, tuple[str, Path | None]] = {"registry": (images.REGISTRY, None)}
+Wanted = tuple[str, Path | None, bool]
+
+
+def registries_wanted(hosts: list[Host]) -> dict[str, Wanted]:
+    """Registry processes: name -> (listen address, network namespace or None for the machine,
+    whether it requires basic auth)."""
+    wanted: dict[str, Wanted] = {"registry": (images.REGISTRY, None, False),
+                                 "registry-auth": (images.AUTH_REGISTRY, None, True)}
     for h in hosts:
         if h.bastion:
-            wanted["registry-bastion"] = (f"{h.links[1].address}:{network.REGISTRY_PORT}", h.netns)
+            wanted["registry-bastion"] = (f"{h.links[1].address}:{network.REGISTRY_PORT}", h.netns, False)
     return wanted
 
 
+def registry_answers(sd: StateDir, state: State, name: str, want: Wanted) -> bool:
+    addr, ns, auth = want
+    return alive(state.registries.get(name)) and images.registry_up(sd, addr, ns, auth)
+
+
+def ensure_registries(sd: StateDir, state: State, hosts: list[Host]) -> list[str]:
+    """(Re)start every wanted registry that does not answer; returns their names."""
+    started = []
+    for name, want in registries_wanted(hosts).items():
+        if registry_answers(sd, state, name, want):
+            continue
+        stop_record(state.registries.get(name))
+        addr, ns, auth = want
+        state.registries[name] = images.start_registry(sd, name, addr, ns, auth)
+        state.save(sd)
+        started.append(name)
+    return started
+
+
 def healthy(sd: StateDir, state: State, hosts: list[Host]) -> list[str]:
-    """What is wrong with a running testbed (empty when every host and registry answers)."""
+    """What is wrong with a running testbed's hosts (empty when every host answers)."""
     problems = []
     bastion = next((h for h in hosts if h.bastion), None)
     for h in hosts:
@@ -168,9 +194,6 @@ def healthy(sd: StateDir, state: State, hosts: list[Host]) -> list[str]:
             problems.append(f"{h.name}: sshd does not answer")
         elif nodes.docker_info(sd, h) is None:
             problems.append(f"{h.name}: dockerd does not answer")
-    for name, (addr, ns) in registries_wanted(hosts).items():
-        if not alive(state.registries.get(name)) or images.http_status(f"http://{addr}/v2/", ns) != 200:
-            problems.append(f"{name} on {addr} does not answer")
     return problems
 
 
@@ -190,9 +213,7 @@ def create_testbed(sd: StateDir, spec: dict[str, Any], hosts: list[Host]) -> Sta
         nodes.prepare_host(sd, h, wipe=True)
         state.hosts[h.name] = HostProcs(leader=nodes.start_host(sd, h))
     state.save(sd)
-    for name, (addr, ns) in registries_wanted(hosts).items():
-        state.registries[name] = images.start_registry(sd, name, addr, ns)
-        state.save(sd)
+    ensure_registries(sd, state, hosts)
     bastion = next((h for h in hosts if h.bastion), None)
     nodes.wait_ready(sd, hosts, bastion)
     for h in hosts:
@@ -213,6 +234,10 @@ def cmd_up(sd: StateDir, args: argparse.Namespace) -> int:
     problems = healthy(sd, state, hosts) if state.spec == spec else ["a different testbed"]
     if not problems and not args.fresh:
         log(f"testbed of {args.n} host(s) already up; reusing it")
+        # A registry that died (or is new to this version of the testbed) needs no new hosts.
+        restarted = ensure_registries(sd, state, hosts)
+        if restarted:
+            log(f"started {', '.join(restarted)}")
     else:
         if state.spec:
             log(f"rebuilding: {'; '.join(problems) if not args.fresh else '--fresh'}")
@@ -260,9 +285,9 @@ def cmd_status(sd: StateDir, args: argparse.Namespace) -> int:
     hosts = state.topology()
     bastion = next((h for h in hosts if h.bastion), None)
     rows = [host_status(sd, state, h, bastion) for h in hosts]
-    regs = [{"name": name, "address": addr,
-             "up": alive(state.registries.get(name)) and images.http_status(f"http://{addr}/v2/", ns) == 200}
-            for name, (addr, ns) in sorted(registries_wanted(hosts).items())] if hosts else []
+    regs = [{"name": name, "address": want[0], "auth": want[2],
+             "up": registry_answers(sd, state, name, want)}
+            for name, want in sorted(registries_wanted(hosts).items())] if hosts else []
     ok = bool(hosts) and all(r["sshd"] and r["dockerd"] for r in rows) and all(r["up"] for r in regs)
     report = {"state_dir": str(sd.root), "up": ok, "hosts": rows, "registries": regs}
     if args.json:
@@ -278,7 +303,8 @@ def cmd_status(sd: StateDir, args: argparse.Namespace) -> int:
         print(f"{r['name']:6} {r['address']:11} {yes[r['netns']]:5} {yes[r['link_up']]:4} "
               f"{yes[r['sshd']]:4} {yes[r['dockerd']]:7} {count}")
     for r in regs:
-        print(f"{r['name']} {r['address']}: {'up' if r['up'] else 'DOWN'}")
+        auth = f" (basic auth, user {images.AUTH_USER})" if r["auth"] else ""
+        print(f"{r['name']} {r['address']}: {'up' if r['up'] else 'DOWN'}{auth}")
     return 0 if ok else 1
 
 
@@ -314,8 +340,8 @@ def cmd_start_host(sd: StateDir, args: argparse.Namespace) -> int:
     state.hosts[host.name] = HostProcs(leader)
     state.save(sd)
     if host.bastion:
-        addr, ns = registries_wanted([host])["registry-bastion"]
-        state.registries["registry-bastion"] = images.start_registry(sd, "registry-bastion", addr, ns)
+        addr, ns, auth = registries_wanted([host])["registry-bastion"]
+        state.registries["registry-bastion"] = images.start_registry(sd, "registry-bastion", addr, ns, auth)
     bastion = next((h for h in state.topology() if h.bastion), None)
     nodes.wait_ready(sd, [host], bastion)
     state.hosts[host.name] = HostProcs(leader, nodes.dockerd_record(sd, host))
