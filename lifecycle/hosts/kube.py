@@ -10,6 +10,7 @@ delete_local_data, and every pod is evicted (PodDisruptionBudgets are honoured b
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Protocol
@@ -47,7 +48,6 @@ class KubernetesAPI:
 
         if not servers:
             raise HostError(API, "no controlplane node to reach the Kubernetes API through")
-        self._k8s = kubernetes.client
         self._sleep = sleep
         self._timeout = timeout
         files = (_memfd("rkel-ca", material.ca_pem), _memfd("rkel-admin-cert", material.cert_pem),
@@ -58,6 +58,7 @@ class KubernetesAPI:
             cfg.host = server
             cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file = files
             cfg.verify_ssl = True
+            cfg.retries = 1  # fail over to the next server instead of retrying a dead one
             self._clients.append((server, kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(cfg))))
 
     def _call(self, what: str, fn: Callable[[Any], Any], *, missing_ok: bool = False) -> Any:
@@ -87,25 +88,33 @@ class KubernetesAPI:
                                         "check the controlplane nodes, then run `rkel apply` again")
 
     # ------------------------------------------------------------------ KubeAPI
+    def _json(self, what: str, fn: Callable[[Any], Any], *, missing_ok: bool = False) -> Any:
+        """Like _call, but the raw JSON: the client's models reject objects a server may
+        legitimately leave partial (a Node before its kubelet filled nodeInfo)."""
+        response = self._call(what, fn, missing_ok=missing_ok)
+        return None if response is None else json.loads(response.data or b"null")
+
     def node(self, name: str) -> KubeNode | None:
-        obj = self._call(f"get node {name}", lambda c: c.read_node(name, _request_timeout=self._timeout),
-                         missing_ok=True)
+        obj = self._json(f"get node {name}",
+                         lambda c: c.read_node(name, _request_timeout=self._timeout,
+                                               _preload_content=False), missing_ok=True)
         if obj is None:
             return None
-        conditions = obj.status.conditions or [] if obj.status else []
-        ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
-        info = obj.status.node_info if obj.status else None
+        status = obj.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])
         return KubeNode(
             name=name,
             ready=ready,
-            schedulable=not bool(obj.spec and obj.spec.unschedulable),
-            kubelet_version=(info.kubelet_version if info else "") or "",
+            schedulable=not (obj.get("spec") or {}).get("unschedulable", False),
+            kubelet_version=(status.get("nodeInfo") or {}).get("kubeletVersion", ""),
         )
 
     def _set_unschedulable(self, name: str, value: bool) -> None:
         body = {"spec": {"unschedulable": value}}
         self._call(f"{'cordon' if value else 'uncordon'} {name}",
-                   lambda c: c.patch_node(name, body, _request_timeout=self._timeout),
+                   lambda c: c.patch_node(name, body, _request_timeout=self._timeout,
+                                          _preload_content=False),
                    missing_ok=True)
 
     def cordon(self, name: str) -> None:
@@ -116,18 +125,18 @@ class KubernetesAPI:
 
     def delete_node(self, name: str) -> None:
         self._call(f"delete node {name}",
-                   lambda c: c.delete_node(name, _request_timeout=self._timeout), missing_ok=True)
+                   lambda c: c.delete_node(name, _request_timeout=self._timeout,
+                                           _preload_content=False), missing_ok=True)
 
     def drain(self, name: str, options: DrainOptions) -> None:
         """Evict the node's pods as `kubectl drain` would, then wait until they are gone."""
-        pods = self._pods_on(name)
         victims, refused = [], []
-        for pod in pods:
+        for pod in self._pods_on(name):
             why = _keep_reason(pod, options)
             if why == "daemonset":
                 continue
             if why:
-                refused.append(f"{pod.metadata.namespace}/{pod.metadata.name} ({why})")
+                refused.append(f"{_pod_key(pod)} ({why})")
             else:
                 victims.append(pod)
         if refused:
@@ -136,54 +145,57 @@ class KubernetesAPI:
                             "move these pods first")
         for pod in victims:
             self._evict(pod, options)
-        self._wait_gone(name, {(p.metadata.namespace, p.metadata.name) for p in victims}, options)
+        self._wait_gone(name, {_pod_key(p) for p in victims}, options)
 
-    def _pods_on(self, name: str) -> list[Any]:
-        result = self._call(
+    def _pods_on(self, name: str) -> list[dict[str, Any]]:
+        result = self._json(
             f"list pods on {name}",
             lambda c: c.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}",
-                                                   _request_timeout=self._timeout))
-        return list(result.items if result else [])
+                                                   _request_timeout=self._timeout,
+                                                   _preload_content=False))
+        return list((result or {}).get("items") or [])
 
-    def _evict(self, pod: Any, options: DrainOptions) -> None:
-        k8s = self._k8s
-        delete = k8s.V1DeleteOptions(
-            grace_period_seconds=options.grace_period if options.grace_period >= 0 else None)
-        body = k8s.V1Eviction(
-            metadata=k8s.V1ObjectMeta(name=pod.metadata.name, namespace=pod.metadata.namespace),
-            delete_options=delete,
-        )
-        self._call(f"evict {pod.metadata.namespace}/{pod.metadata.name}",
+    def _evict(self, pod: dict[str, Any], options: DrainOptions) -> None:
+        meta = pod["metadata"]
+        body: dict[str, Any] = {"apiVersion": "policy/v1", "kind": "Eviction",
+                                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}}
+        if options.grace_period >= 0:
+            body["deleteOptions"] = {"gracePeriodSeconds": options.grace_period}
+        self._call(f"evict {_pod_key(pod)}",
                    lambda c: c.create_namespaced_pod_eviction(
-                       pod.metadata.name, pod.metadata.namespace, body,
-                       _request_timeout=self._timeout),
+                       meta["name"], meta["namespace"], body, _request_timeout=self._timeout,
+                       _preload_content=False),
                    missing_ok=True)
 
-    def _wait_gone(self, name: str, pods: set[tuple[str, str]], options: DrainOptions) -> None:
+    def _wait_gone(self, name: str, pods: set[str], options: DrainOptions) -> None:
         deadline = time.monotonic() + max(1, options.timeout)
         left = pods
         while left:
-            current = {(p.metadata.namespace, p.metadata.name) for p in self._pods_on(name)}
-            left = left & current
+            left = left & {_pod_key(p) for p in self._pods_on(name)}
             if not left:
                 return
             if time.monotonic() > deadline:
                 raise HostError(name, f"drain timed out after {options.timeout}s; still there: "
-                                + ", ".join(sorted(f"{ns}/{n}" for ns, n in left)))
+                                + ", ".join(sorted(left)))
             self._sleep(2.0)
 
 
-def _keep_reason(pod: Any, options: DrainOptions) -> str:
+def _pod_key(pod: dict[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def _keep_reason(pod: dict[str, Any], options: DrainOptions) -> str:
     """Why drain must not (or need not) evict `pod`: "" when it may."""
-    owners = pod.metadata.owner_references or []
-    if any(o.kind == "DaemonSet" for o in owners):
+    meta = pod.get("metadata") or {}
+    owners = meta.get("ownerReferences") or []
+    if any(o.get("kind") == "DaemonSet" for o in owners):
         return "daemonset" if options.ignore_daemonsets else "managed by a DaemonSet"
-    annotations = pod.metadata.annotations or {}
-    if "kubernetes.io/config.mirror" in annotations:
+    if "kubernetes.io/config.mirror" in (meta.get("annotations") or {}):
         return "daemonset"  # a static pod's mirror: the kubelet owns it
-    if not any(o.controller for o in owners) and not options.force:
+    if not any(o.get("controller") for o in owners) and not options.force:
         return "not managed by a controller; needs force"
-    volumes = (pod.spec.volumes or []) if pod.spec else []
-    if any(v.empty_dir is not None for v in volumes) and not options.delete_local_data:
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    if any("emptyDir" in v for v in volumes) and not options.delete_local_data:
         return "uses emptyDir; needs delete_local_data"
     return ""

@@ -16,7 +16,10 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-__all__ = ["FLAGS", "HONOURED", "FlagError", "Options", "parse_args", "usage", "validate"]
+__all__ = [
+    "FLAGS", "HONOURED", "FlagError", "Options", "duration_seconds", "parse_args", "usage",
+    "validate",
+]
 
 B, S, I, D, L, M, F = "bool", "string", "int", "duration", "strings", "mapStringString", "float"
 
@@ -111,7 +114,7 @@ SHORTHANDS = {"h": "help", "v": "v"}
 HONOURED = frozenset({
     "advertise-address", "anonymous-auth", "authorization-mode", "bind-address",
     "client-ca-file", "etcd-cafile", "etcd-certfile", "etcd-keyfile", "etcd-prefix",
-    "etcd-servers", "kubelet-client-certificate", "kubelet-client-key", "proxy-client-cert-file",
+    "etcd-healthcheck-timeout", "etcd-servers", "kubelet-client-certificate", "kubelet-client-key", "proxy-client-cert-file",
     "proxy-client-key-file", "requestheader-client-ca-file", "secure-port",
     "service-account-issuer", "service-account-key-file", "service-account-signing-key-file",
     "service-cluster-ip-range", "service-node-port-range", "storage-backend", "tls-cert-file",
@@ -120,7 +123,7 @@ HONOURED = frozenset({
 # The defaults of the real binary, for the flags the stand-in reads.
 DEFAULTS: dict[str, str] = {
     "anonymous-auth": "true", "authorization-mode": "AlwaysAllow", "bind-address": "0.0.0.0",
-    "etcd-prefix": "/registry", "storage-backend": "etcd3",
+    "etcd-healthcheck-timeout": "2s", "etcd-prefix": "/registry", "storage-backend": "etcd3",
     "service-node-port-range": "30000-32767", "tls-min-version": "VersionTLS12",
 }
 # Go cipher suite names -> OpenSSL names (TLS 1.2; TLS 1.3 suites are not configurable in Go
@@ -152,6 +155,16 @@ _BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": T
           "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
 
 
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """A Go duration ("1m30s", "500ms", "0") in seconds."""
+    total = 0.0 + sum(float(num) * _UNITS[unit]
+                for num, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", text))
+    return -total if text.startswith("-") else total
+
+
 class FlagError(Exception):
     """The command line cannot be parsed (unknown flag, missing or malformed value)."""
 
@@ -171,7 +184,7 @@ class Options:
     def flag(self, name: str) -> bool:
         return _BOOLS.get(self.get(name) or "false", False)
 
-    def list(self, name: str) -> list[str]:
+    def strings(self, name: str) -> list[str]:
         return [part.strip() for part in self.get(name).split(",") if part.strip()]
 
     def ignored(self) -> list[str]:
@@ -239,14 +252,14 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def _check_url_list(options: Options, errors: list[str]) -> None:
-    for url in options.list("etcd-servers"):
+    for url in options.strings("etcd-servers"):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             errors.append(f"--etcd-servers: {url!r} is not a URL of the form scheme://ip:port")
 
 
 def _check_cidrs(options: Options, errors: list[str]) -> None:
-    cidrs = options.list("service-cluster-ip-range")
+    cidrs = options.strings("service-cluster-ip-range")
     if not cidrs:
         errors.append("--service-cluster-ip-range must be specified")
         return
@@ -277,7 +290,7 @@ def _check_serving(options: Options, errors: list[str]) -> None:
     if not (options.has("tls-cert-file") and options.has("tls-private-key-file")):
         errors.append("--tls-cert-file and --tls-private-key-file must be specified (the "
                       "stand-in does not self-sign a serving certificate into --cert-dir)")
-    for suite in options.list("tls-cipher-suites"):
+    for suite in options.strings("tls-cipher-suites"):
         if suite not in CIPHERS:
             errors.append(f"cipher suite {suite} not supported or doesn't exist")
     if options.get("tls-min-version") not in TLS_VERSIONS:
@@ -289,10 +302,10 @@ def _check_auth(options: Options, errors: list[str]) -> None:
     if not options.has("client-ca-file"):
         errors.append("--client-ca-file must be specified: the stand-in authenticates clients "
                       "by certificates signed by that CA only")
-    for mode in options.list("authorization-mode"):
+    for mode in options.strings("authorization-mode"):
         if mode not in AUTHZ_MODES:
             errors.append(f"authorization-mode {mode!r} is not a valid mode")
-    if not options.list("service-account-issuer"):
+    if not options.strings("service-account-issuer"):
         errors.append("service-account-issuer is a required flag")
     if not options.has("service-account-signing-key-file"):
         errors.append("--service-account-signing-key-file and --service-account-issuer are "
@@ -302,7 +315,7 @@ def _check_auth(options: Options, errors: list[str]) -> None:
 def validate(options: Options) -> list[str]:
     """Every problem with the inputs, in the real server's words where it has them."""
     errors: list[str] = []
-    if not options.list("etcd-servers"):
+    if not options.strings("etcd-servers"):
         errors.append("--etcd-servers must be specified")
     _check_url_list(options, errors)
     if options.get("storage-backend") != "etcd3":

@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = [
     "RESOURCES", "Attributes", "Resource", "User", "api_group_list", "authorize",
-    "crd_resources", "node_restriction", "resource_list",
+    "crd_resources", "node_restriction", "pod_references", "resource_list",
 ]
 
 Obj = dict[str, Any]
@@ -359,3 +359,62 @@ def node_restriction(user: User, attrs: Attributes, obj: Obj | None) -> str:
             verb = "create" if attrs.verb == "create" else "modify"
             return f'node "{node}" can only {verb} pods with spec.nodeName set to itself'
     return ""
+
+
+def pod_references(pod: Obj, resource: str) -> set[str]:
+    """Names of the configmaps, secrets or PVCs a pod refers to."""
+    spec = pod.get("spec") or {}
+    out: set[str] = set()
+    for vol in spec.get("volumes") or []:
+        out.add({"configmaps": (vol.get("configMap") or {}).get("name", ""),
+                 "secrets": (vol.get("secret") or {}).get("secretName", ""),
+                 "persistentvolumeclaims": (vol.get("persistentVolumeClaim") or {})
+                 .get("claimName", "")}.get(resource, ""))
+        for source in (vol.get("projected") or {}).get("sources") or []:
+            key = {"configmaps": "configMap", "secrets": "secret"}.get(resource, "")
+            out.add((source.get(key) or {}).get("name", "") if key else "")
+    from_key, value_key = {"configmaps": ("configMapRef", "configMapKeyRef"),
+                           "secrets": ("secretRef", "secretKeyRef")}.get(resource, ("", ""))
+    containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+    for container in containers if from_key else []:
+        for source in container.get("envFrom") or []:
+            out.add((source.get(from_key) or {}).get("name", ""))
+        for env in container.get("env") or []:
+            out.add(((env.get("valueFrom") or {}).get(value_key) or {}).get("name", ""))
+    if resource == "secrets":
+        out |= {s.get("name", "") for s in spec.get("imagePullSecrets") or []}
+    out.discard("")
+    return out
+
+
+# --- OpenAPI v3 (just what kubectl checks before it relies on server-side validation) ---------
+
+
+def _gv_path(res: Resource) -> str:
+    return f"apis/{res.group}/{res.version}" if res.group else "api/v1"
+
+
+def openapi_root(resources: list[Resource]) -> Obj:
+    """/openapi/v3: one entry per group version, as the real server lists them."""
+    paths = sorted({_gv_path(r) for r in resources})
+    return {"paths": {p: {"serverRelativeURL": f"/openapi/v3/{p}?hash=standin"} for p in paths}}
+
+
+def openapi_group_version(gv_path: str, resources: list[Resource], version: str) -> Obj | None:
+    """/openapi/v3/<gv>: the PATCH operation of every object path, with its GVK and query
+    parameters (kubectl reads `fieldValidation` there); no schemas (kubectl explain fails)."""
+    chosen = [r for r in resources if _gv_path(r) == gv_path and "patch" in r.verbs]
+    if not chosen:
+        return None
+    params = [{"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+              for n in ("dryRun", "fieldManager", "fieldValidation", "force")]
+    paths = {}
+    for res in chosen:
+        scope = "/namespaces/{namespace}" if res.namespaced else ""
+        gvk = {"group": res.group, "version": res.version, "kind": res.kind}
+        paths[f"/{gv_path}{scope}/{res.name}/{{name}}"] = {"patch": {
+            "operationId": f"patch{res.kind}", "parameters": params,
+            "x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": gvk,
+            "responses": {"200": {"description": "OK"}}}}
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes (stand-in)", "version": version},
+            "paths": paths}

@@ -6,18 +6,19 @@ selectors (equality and set-based) and field selectors (`=`, `==`, `!=` on any d
 JSON merge patch (RFC 7386), a strategic merge patch that merges the usual keyed lists
 (conditions by type, containers by name, ...) and JSON patch (RFC 6902); and the
 `meta.k8s.io/v1` Table that `kubectl get` prints, with the real printers' columns for nodes,
-pods, namespaces and configmaps, and Name/Age for everything else.
+pods, services, deployments, namespaces, configmaps and secrets, and Name/Age for everything else.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
-    "ApiError", "apply_patch", "field_selector_matches", "human_duration",
+    "ApiError", "allocate_service", "apply_patch", "field_selector_matches", "human_duration",
     "label_selector_matches", "now", "status_failure", "table",
 ]
 
@@ -313,6 +314,42 @@ def apply_patch(content_type: str, target: Obj, patch: Any) -> Obj:
     return result
 
 
+# --- per-resource defaults ---------------------------------------------------------------------
+
+
+def allocate_service(svc: Obj, existing: list[Obj], cidr: str, node_ports: tuple[int, int]
+                     ) -> None:
+    """Give a new Service a cluster IP from `cidr` (--service-cluster-ip-range; its first IP
+    is the `kubernetes` Service's) and node ports from `node_ports` (--service-node-port-range),
+    skipping those `existing` Services hold; refuse a node port outside the range."""
+    spec = svc.setdefault("spec", {})
+    used_ips = {(o.get("spec") or {}).get("clusterIP") for o in existing}
+    used_ports = {p.get("nodePort") for o in existing
+                  for p in (o.get("spec") or {}).get("ports") or []}
+    if spec.get("type") != "ExternalName" and not spec.get("clusterIP"):
+        network = ipaddress.ip_network(cidr, strict=False)
+        free = next((str(ip) for ip in network.hosts()
+                     if str(ip) not in used_ips and ip != network.network_address + 1), None)
+        if free is None:
+            raise ApiError(500, "Internal error occurred: failed to allocate a serviceIP: "
+                           "range is full", "InternalError")
+        spec["clusterIP"], spec["clusterIPs"] = free, [free]
+    low, high = node_ports
+    for port in spec.get("ports") or []:
+        if port.get("nodePort") and not low <= int(port["nodePort"]) <= high:
+            raise ApiError(422, f"Service \"{svc['metadata'].get('name')}\" is invalid: "
+                           f"spec.ports.nodePort: Invalid value: {port['nodePort']}: provided "
+                           f"port is not in the valid range. The range of valid ports is "
+                           f"{low}-{high}", "Invalid")
+        if spec.get("type") in ("NodePort", "LoadBalancer") and not port.get("nodePort"):
+            free_port = next((p for p in range(low, high + 1) if p not in used_ports), None)
+            if free_port is None:
+                raise ApiError(500, "Internal error occurred: failed to allocate a nodePort: "
+                               "range is full", "InternalError")
+            port["nodePort"] = free_port
+            used_ports.add(free_port)
+
+
 # --- Tables ----------------------------------------------------------------------------------
 
 
@@ -370,6 +407,26 @@ def _age(obj: Obj) -> str:
     return human_duration(_age_seconds((obj.get("metadata") or {}).get("creationTimestamp", "")))
 
 
+def _service_row(svc: Obj) -> list[Any]:
+    spec = svc.get("spec") or {}
+    ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    external = [i.get("ip") or i.get("hostname", "") for i in ingress] + list(
+        spec.get("externalIPs") or [])
+    ports = ",".join(
+        f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/"
+        f"{p.get('protocol', 'TCP')}" for p in spec.get("ports") or [])
+    return [svc["metadata"].get("name", ""), spec.get("type", "ClusterIP"),
+            spec.get("clusterIP") or "<none>", ",".join(external) or "<none>",
+            ports or "<none>", _age(svc)]
+
+
+def _deployment_row(deploy: Obj) -> list[Any]:
+    status = deploy.get("status") or {}
+    wanted = (deploy.get("spec") or {}).get("replicas", 1)
+    return [deploy["metadata"].get("name", ""), f"{status.get('readyReplicas', 0)}/{wanted}",
+            status.get("updatedReplicas", 0), status.get("availableReplicas", 0), _age(deploy)]
+
+
 PRINTERS: dict[str, tuple[list[Obj], Any]] = {
     "nodes": (
         [_column("Name", fmt="name"), _column("Status"), _column("Roles"), _column("Age"),
@@ -388,6 +445,22 @@ PRINTERS: dict[str, tuple[list[Obj], Any]] = {
         [_column("Name", fmt="name"), _column("Status"), _column("Age")],
         lambda o: [o["metadata"].get("name", ""),
                    (o.get("status") or {}).get("phase", "Active"), _age(o)],
+    ),
+    "services": (
+        [_column("Name", fmt="name"), _column("Type"), _column("Cluster-IP"),
+         _column("External-IP"), _column("Port(s)"), _column("Age")],
+        _service_row,
+    ),
+    "deployments": (
+        [_column("Name", fmt="name"), _column("Ready"), _column("Up-to-date", "integer"),
+         _column("Available", "integer"), _column("Age")],
+        _deployment_row,
+    ),
+    "secrets": (
+        [_column("Name", fmt="name"), _column("Type"), _column("Data", "integer"),
+         _column("Age")],
+        lambda o: [o["metadata"].get("name", ""), o.get("type", "Opaque"),
+                   len(o.get("data") or {}), _age(o)],
     ),
     "configmaps": (
         [_column("Name", fmt="name"), _column("Data", "integer"), _column("Age")],

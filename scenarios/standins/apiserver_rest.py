@@ -17,7 +17,6 @@ plugins other than NamespaceLifecycle and NodeRestriction are not run.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import secrets
 import threading
@@ -29,14 +28,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apiserver_kinds import (
-    NODE_GRAPH, RESOURCES, Attributes, Resource, User, api_group, api_group_list, authorize,
-    crd_resources, forbidden_message, node_restriction, resource_list,
+    NODE_GRAPH,
+    RESOURCES,
+    Attributes,
+    Resource,
+    User,
+    api_group,
+    api_group_list,
+    authorize,
+    crd_resources,
+    forbidden_message,
+    node_restriction,
+    openapi_group_version,
+    openapi_root,
+    pod_references,
+    resource_list,
 )
 from apiserver_objects import (
-    ApiError, apply_patch, field_selector_matches, label_selector_matches, now,
-    partial_metadata, table,
+    ApiError,
+    allocate_service,
+    apply_patch,
+    field_selector_matches,
+    label_selector_matches,
+    now,
+    partial_metadata,
+    table,
 )
-from apiserver_store import Storage, not_found, qualified
+from apiserver_store import Storage, conflict, not_found, qualified
 
 __all__ = ["Api", "Reply", "Request", "ServerInfo"]
 
@@ -160,6 +178,13 @@ class Api:
         self._allow(req, Attributes("get", path=path, resource_request=False))
         if path == "/version":
             return json_reply(200, self.info.version)
+        if path == "/openapi/v3":
+            return json_reply(200, openapi_root(self.resources()))
+        if path.startswith("/openapi/v3/"):
+            doc = openapi_group_version(path[len("/openapi/v3/"):], self.resources(),
+                                        self.info.version["gitVersion"])
+            if doc is not None:
+                return json_reply(200, doc)
         if path == "/":
             return json_reply(200, {"paths": ["/api", "/api/v1", "/apis", "/healthz",
                                               "/livez", "/readyz", "/version"]})
@@ -254,6 +279,9 @@ class Api:
             raise ApiError(404, "the server could not find the requested resource")
         if sub and sub not in res.subresources:
             raise ApiError(404, "the server could not find the requested resource")
+        if req.method == "POST" and name and sub not in ("eviction", "binding"):
+            raise ApiError(405, "the server does not allow this method on the requested "
+                           "resource")
         verb = self._verb(req.method, name, res, namespace)
         attrs = Attributes(verb, req.path, res.group, res.name, sub, namespace, name)
         return Target(res, namespace, name, sub, verb, attrs)
@@ -361,6 +389,8 @@ class Api:
                 raise ApiError(400, "the namespace of the provided object does not match the "
                                "namespace sent on the request")
             meta["namespace"] = t.namespace
+        elif not t.res.namespaced:
+            meta.pop("namespace", None)  # cluster-scoped: a namespace in the data means nothing
         if t.name and meta.get("name", t.name) != t.name:
             raise ApiError(400, f"the name of the object ({meta.get('name')}) does not match "
                            f"the name on the URL ({t.name})")
@@ -396,8 +426,8 @@ class Api:
 
     def _defaults_on_create(self, res: Resource, obj: Obj) -> None:
         meta = obj["metadata"]
-        meta.setdefault("uid", str(uuid.uuid4()))
-        meta.setdefault("creationTimestamp", now())
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now()
         meta.pop("resourceVersion", None)
         if res.group == "" and res.name == "pods":
             obj.setdefault("status", {}).setdefault("phase", "Pending")
@@ -416,31 +446,9 @@ class Api:
                 obj.setdefault("data", {})[key] = base64.b64encode(str(value).encode()).decode()
 
     def _allocate_service(self, svc: Obj) -> None:
-        """A cluster IP from --service-cluster-ip-range, node ports from the node port range."""
-        spec = svc.setdefault("spec", {})
         items, _ = self.storage.list(next(r for r in RESOURCES if r.name == "services"), "")
-        used_ips = {(o.get("spec") or {}).get("clusterIP") for _, o in items}
-        used_ports = {p.get("nodePort") for _, o in items
-                      for p in (o.get("spec") or {}).get("ports") or []}
-        if spec.get("type") != "ExternalName" and not spec.get("clusterIP"):
-            network = ipaddress.ip_network(self.info.service_cidrs[0], strict=False)
-            free = next((str(ip) for ip in network.hosts() if str(ip) not in used_ips
-                         and ip != network.network_address + 1), None)
-            if free is None:
-                raise ApiError(500, "Internal error occurred: failed to allocate a serviceIP: "
-                               "range is full", "InternalError")
-            spec["clusterIP"] = free
-            spec["clusterIPs"] = [free]
-        low, high = self.info.node_ports
-        for port in spec.get("ports") or []:
-            if port.get("nodePort") and not low <= int(port["nodePort"]) <= high:
-                raise ApiError(422, f"Service \"{svc['metadata'].get('name')}\" is invalid: "
-                               f"spec.ports.nodePort: Invalid value: {port['nodePort']}: "
-                               f"provided port is not in the valid range. The range of valid "
-                               f"ports is {low}-{high}", "Invalid")
-            if spec.get("type") in ("NodePort", "LoadBalancer") and not port.get("nodePort"):
-                port["nodePort"] = next(p for p in range(low, high + 1) if p not in used_ports)
-                used_ports.add(port["nodePort"])
+        allocate_service(svc, [o for _, o in items], self.info.service_cidrs[0],
+                         self.info.node_ports)
 
     def _carry_over(self, t: Target, old: Obj, new: Obj) -> Obj:
         """Keep what a write may not change: identity, and the status/spec split."""
@@ -448,9 +456,11 @@ class Api:
         for key in ("uid", "creationTimestamp", "deletionTimestamp"):
             if key in old_meta:
                 meta[key] = old_meta[key]
-        if meta.get("name") != old_meta.get("name"):
-            raise ApiError(422, f'{t.res.kind} "{old_meta.get("name")}" is invalid: '
-                           "metadata.name: Invalid value: field is immutable", "Invalid")
+        for key in ("name", "namespace"):
+            if meta.get(key, "") != old_meta.get(key, ""):
+                raise ApiError(422, f'{t.res.kind or t.res.name} "{old_meta.get("name")}" is '
+                               f"invalid: metadata.{key}: Invalid value: field is immutable",
+                               "Invalid")
         if "status" in t.res.subresources:  # status changes only through .../status
             if t.subresource == "status":
                 new = {**old, "status": new.get("status", old.get("status"))}
@@ -475,9 +485,7 @@ class Api:
 
         def change(current: Obj) -> Obj | None:
             if wanted and wanted != current["metadata"]["resourceVersion"]:
-                raise ApiError(409, f'Operation cannot be fulfilled on {qualified(t.res)} '
-                               f'"{t.name}": the object has been modified; please apply your '
-                               "changes to the latest version and try again", "Conflict")
+                raise conflict(t.res, t.name)
             new = self._carry_over(t, current, json.loads(json.dumps(body)))
             self._admit(req, t, current)
             return self._finish(t, new)
@@ -499,9 +507,7 @@ class Api:
             new = apply_patch(content_type, current, patch)
             if new.get("metadata", {}).get("resourceVersion") != \
                     current["metadata"]["resourceVersion"]:
-                raise ApiError(409, f'Operation cannot be fulfilled on {qualified(t.res)} '
-                               f'"{t.name}": the object has been modified; please apply your '
-                               "changes to the latest version and try again", "Conflict")
+                raise conflict(t.res, t.name)
             return self._finish(t, self._carry_over(t, current, new))
 
         if req.query.get("dryRun") == "All":
@@ -616,9 +622,10 @@ class Api:
     def _evict(self, req: Request, t: Target) -> Reply:
         """POST pods/NAME/eviction: the pod is deleted (no PodDisruptionBudget is consulted)."""
         body = _parse_json(req) or {}
-        name = (body.get("metadata") or {}).get("name", t.name) if isinstance(body, dict) else ""
-        if name != t.name:
-            raise ApiError(400, f"name in URL does not match name in Eviction object")
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body of the request must be an Eviction object")
+        if (body.get("metadata") or {}).get("name", t.name) != t.name:
+            raise ApiError(400, "name in URL does not match name in Eviction object")
         pod = self.storage.must_get(PODS, t.namespace, t.name)
         self._admit(req, t, pod)
         pre = ((body.get("deleteOptions") or {}).get("preconditions") or {})
@@ -633,7 +640,7 @@ class Api:
     def _bind(self, req: Request, t: Target) -> Reply:
         """POST pods/NAME/binding: set spec.nodeName once (the scheduler's write)."""
         body = _parse_json(req) or {}
-        node = ((body.get("target") or {}).get("name", "")) if isinstance(body, dict) else ""
+        node = (body.get("target") or {}).get("name", "") if isinstance(body, dict) else ""
         if not node:
             raise ApiError(422, "Binding is invalid: target.name: Required value", "Invalid")
 
@@ -677,36 +684,11 @@ class Api:
         pods = [o for _, o in items if (o.get("spec") or {}).get("nodeName") == node]
         if attrs.resource == "persistentvolumes":
             claims = {(p["metadata"].get("namespace", ""), n) for p in pods
-                      for n in _refs(p, "persistentvolumeclaims")}
+                      for n in pod_references(p, "persistentvolumeclaims")}
             for ns, claim in claims:
                 pvc = self.storage.get(PVCS, ns, claim)
                 if pvc and (pvc.get("spec") or {}).get("volumeName") == attrs.name:
                     return True
             return False
-        return any(attrs.name in _refs(p, attrs.resource) for p in pods)
+        return any(attrs.name in pod_references(p, attrs.resource) for p in pods)
 
-
-def _refs(pod: Obj, resource: str) -> set[str]:
-    """Names of the configmaps, secrets or PVCs a pod refers to."""
-    spec = pod.get("spec") or {}
-    out: set[str] = set()
-    for vol in spec.get("volumes") or []:
-        out.add({"configmaps": (vol.get("configMap") or {}).get("name", ""),
-                 "secrets": (vol.get("secret") or {}).get("secretName", ""),
-                 "persistentvolumeclaims": (vol.get("persistentVolumeClaim") or {})
-                 .get("claimName", "")}.get(resource, ""))
-        for source in (vol.get("projected") or {}).get("sources") or []:
-            key = {"configmaps": "configMap", "secrets": "secret"}.get(resource, "")
-            out.add((source.get(key) or {}).get("name", "") if key else "")
-    ref_key = {"configmaps": ("configMapRef", "configMapKeyRef"),
-               "secrets": ("secretRef", "secretKeyRef")}.get(resource)
-    containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
-    for container in containers if ref_key else []:
-        for source in container.get("envFrom") or []:
-            out.add((source.get(ref_key[0]) or {}).get("name", ""))
-        for env in container.get("env") or []:
-            out.add(((env.get("valueFrom") or {}).get(ref_key[1]) or {}).get("name", ""))
-    if resource == "secrets":
-        out |= {s.get("name", "") for s in spec.get("imagePullSecrets") or []}
-    out.discard("")
-    return out

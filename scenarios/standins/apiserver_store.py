@@ -11,7 +11,7 @@ real server's GuaranteedUpdate). etcd failures become the real server's errors.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +21,7 @@ from etcd3 import KV, Etcd3, EtcdError, EtcdUnavailable
 
 __all__ = ["Storage"]
 
+LOG = logging.getLogger("kube-apiserver-standin.storage")
 Obj = dict[str, Any]
 
 
@@ -42,7 +43,7 @@ def conflict(res: Resource, name: str) -> ApiError:
 
 
 def _decode(kv: KV) -> Obj:
-    obj = json.loads(kv.value)
+    obj: Obj = json.loads(kv.value)
     obj.setdefault("metadata", {})["resourceVersion"] = str(kv.mod_revision)
     return obj
 
@@ -72,7 +73,7 @@ class Storage:
         try:
             return fn(*args)
         except EtcdUnavailable as exc:
-            print(f"E storage] {op} {qualified(res)}: etcd unavailable: {exc}", file=sys.stderr)
+            LOG.error("%s %s: etcd unavailable: %s", op, qualified(res), exc)
             raise ApiError(500, f"The {op} operation against {qualified(res)} could not be "
                            "completed at this time, please try again.", "ServerTimeout",
                            {"name": "", "kind": res.name, "retryAfterSeconds": 2}) from None

@@ -69,17 +69,18 @@ def _kv(item: dict[str, Any]) -> KV:
     )
 
 
-def _endpoint(url: str) -> tuple[str, int]:
+def _endpoint(url: str) -> tuple[bool, str, int]:
+    """(TLS?, host, port) of an etcd server URL."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("https", "http") or not parsed.hostname:
         raise ValueError(f"not an etcd server URL (scheme://ip:port): {url!r}")
-    return parsed.hostname, parsed.port or 2379
+    return parsed.scheme == "https", parsed.hostname, parsed.port or 2379
 
 
 class Etcd3:
-    """etcd v3 over the JSON gateway, with mutual TLS (`tls` None means plain http)."""
+    """etcd v3 over the JSON gateway: https:// servers with `tls` (mutual TLS), http:// plain."""
 
-    def __init__(self, servers: list[str], tls: ssl.SSLContext | None, timeout: float = 5.0):
+    def __init__(self, servers: list[str], tls: ssl.SSLContext, timeout: float = 5.0) -> None:
         self._servers = [(url, *_endpoint(url)) for url in servers]
         self._tls = tls
         self._timeout = timeout
@@ -88,8 +89,9 @@ class Etcd3:
 
     # --- transport -----------------------------------------------------------------------------
 
-    def _call_one(self, host: str, port: int, path: str, body: bytes) -> tuple[int, bytes]:
-        if self._tls is not None:
+    def _call_one(self, secure: bool, host: str, port: int, path: str, body: bytes
+                  ) -> tuple[int, bytes]:
+        if secure:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 host, port, timeout=self._timeout, context=self._tls
             )
@@ -114,9 +116,9 @@ class Etcd3:
         errors = []
         for offset in range(len(self._servers)):
             index = (start + offset) % len(self._servers)
-            url, host, port = self._servers[index]
+            url, secure, host, port = self._servers[index]
             try:
-                status, data = self._call_one(host, port, path, body)
+                status, data = self._call_one(secure, host, port, path, body)
             except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
                 errors.append(f"{url}: {exc}")
                 continue
@@ -125,7 +127,7 @@ class Etcd3:
                 continue
             with self._lock:
                 self._preferred = index
-            reply = json.loads(data or b"{}")
+            reply: dict[str, Any] = json.loads(data or b"{}")
             if status != 200:
                 raise EtcdError(f"{url}: {reply.get('message') or reply.get('error') or status}")
             return reply

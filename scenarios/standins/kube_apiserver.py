@@ -18,11 +18,14 @@ script, `python3 kube_apiserver.py --etcd-servers=... ...`; its modules sit besi
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
 import os
 import platform
 import re
 import signal
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -31,12 +34,20 @@ import urllib.parse
 import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
-from apiserver_flags import CIPHERS, FlagError, Options, parse_args, usage, validate
+from apiserver_flags import (
+    CIPHERS,
+    FlagError,
+    Options,
+    duration_seconds,
+    parse_args,
+    usage,
+    validate,
+)
 from apiserver_kinds import RESOURCES, User
-from apiserver_objects import ApiError, now
-from apiserver_rest import Api, Request, ServerInfo
+from apiserver_objects import ApiError, now, status_failure
+from apiserver_rest import Api, Reply, Request, ServerInfo
 from apiserver_store import Storage
 from etcd3 import Etcd3, EtcdError
 
@@ -50,10 +61,32 @@ class StartupError(Exception):
     """An input is missing or unusable: the stand-in exits non-zero, as the real one does."""
 
 
-def log(level: str, message: str) -> None:
-    """One klog-style line on stderr: `I0102 15:04:05.000000  1234 standin] message`."""
-    stamp = datetime.now(UTC).strftime("%m%d %H:%M:%S.%f")
-    print(f"{level}{stamp} {os.getpid():>7} {NAME}] {message}", file=sys.stderr, flush=True)
+LOG = logging.getLogger(NAME)
+
+
+class KlogFormatter(logging.Formatter):
+    """klog's line format: `I0102 15:04:05.000000    1234 kube-apiserver-standin] message`."""
+
+    LEVELS: ClassVar[dict[int, str]] = {logging.DEBUG: "I", logging.INFO: "I",
+                                        logging.WARNING: "W", logging.ERROR: "E",
+                                        logging.CRITICAL: "F"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%m%d %H:%M:%S.%f")
+        text = f"{self.LEVELS.get(record.levelno, 'I')}{stamp} {record.process:>7} " \
+               f"{record.name}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging() -> None:
+    """Every stand-in module logs through `logging`, to stderr, in klog's format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KlogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
 
 
 # --- version -----------------------------------------------------------------------------------
@@ -89,7 +122,7 @@ def _readable(path: str, what: str, marker: bytes) -> None:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        raise StartupError(f"{what}: open {path}: {exc.strerror.lower()}") from None
+        raise StartupError(f"{what}: open {path}: {(exc.strerror or str(exc)).lower()}") from None
     if marker not in data:
         raise StartupError(f"{what}: {path}: data does not contain any valid PEM "
                            f"{marker.decode().strip('- ')} block")
@@ -112,7 +145,7 @@ def check_files(options: Options) -> None:
     ):
         if options.has(flag):
             _readable(options.get(flag), what, marker)
-    for path in options.list("service-account-key-file"):
+    for path in options.strings("service-account-key-file"):
         _readable(path, "failed to parse service-account-key-file", pem)
 
 
@@ -136,7 +169,7 @@ def serving_context(options: Options) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as exc:
         raise StartupError(f'unable to load client CA file "{ca}": {exc}') from None
     ctx.verify_mode = ssl.CERT_OPTIONAL if options.flag("anonymous-auth") else ssl.CERT_REQUIRED
-    suites = [CIPHERS[s] for s in options.list("tls-cipher-suites") if CIPHERS[s]]
+    suites = [CIPHERS[s] for s in options.strings("tls-cipher-suites") if CIPHERS[s]]
     if suites:
         ctx.set_ciphers(":".join(suites))
     ctx.set_alpn_protocols(["http/1.1"])
@@ -166,7 +199,7 @@ def etcd_context(options: Options) -> ssl.SSLContext:
 class Health:
     """/healthz, /livez, /readyz: etcd answers (checked at most once a second) + bootstrap."""
 
-    CHECKS = {
+    CHECKS: ClassVar[dict[str, tuple[str, ...]]] = {
         "healthz": ("ping", "log", "etcd", "poststarthook/bootstrap-controller"),
         "livez": ("ping", "log", "etcd", "poststarthook/bootstrap-controller"),
         "readyz": ("ping", "log", "etcd", "etcd-readiness", "informer-sync",
@@ -237,11 +270,11 @@ def bootstrap(storage: Storage, info: ServerInfo, health: Health) -> None:
             if storage.get(services, "default", "kubernetes") is None:
                 _create_quietly(storage, services, kubernetes_service(info))
             health.bootstrapped.set()
-            log("I", "bootstrap-controller: system namespaces and the kubernetes service exist")
+            LOG.info("bootstrap-controller: system namespaces and the kubernetes service exist")
             return
         except ApiError as exc:
             if str(exc) != last_error:
-                log("E", f"bootstrap-controller: {exc}; retrying every second")
+                LOG.error(f"bootstrap-controller: {exc}; retrying every second")
                 last_error = str(exc)
         health.shutting_down.wait(1.0)
 
@@ -293,19 +326,24 @@ class TLSServer(ThreadingHTTPServer):
         self.api = api
         self.tls = tls
 
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address (slow without DNS)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(HANDSHAKE_TIMEOUT)
         try:
             conn = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
-            log("I", f"http: TLS handshake error from {client_address[0]}:{client_address[1]}: "
+            LOG.info(f"http: TLS handshake error from {client_address[0]}:{client_address[1]}: "
                      f"{exc}")
             return
         conn.settimeout(IDLE_TIMEOUT)
         try:
             Handler(conn, client_address, self)
         except (ssl.SSLError, OSError) as exc:
-            log("I", f"http: connection from {client_address[0]} ended: {exc}")
+            LOG.info(f"http: connection from {client_address[0]} ended: {exc}")
         finally:
             conn.close()
 
@@ -317,7 +355,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "kube-apiserver-standin"
     server: TLSServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request is written by _serve
 
     def _body(self) -> bytes:
@@ -337,19 +375,29 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, "request entity too large", "RequestEntityTooLarge")
         return self.rfile.read(length) if length else b""
 
-    def _serve(self) -> None:
-        started = time.monotonic()
-        user = identity(self.connection.getpeercert())  # type: ignore[attr-defined]
+    def _reply(self, user: User) -> Reply:
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
             body = self._body()
-        except (ApiError, ValueError):
+        except (ApiError, ValueError) as exc:
             self.close_connection = True
-            body = b""
+            code, reason = (exc.code, exc.reason) if isinstance(exc, ApiError) else (
+                400, "BadRequest")
+            return Reply(code, json.dumps(status_failure(code, reason, str(exc))).encode())
         req = Request(self.command, url.path, query, user, self.headers.get("Accept", ""),
                       self.headers.get("Content-Type", ""), body)
-        reply = self.server.api.handle(req)
+        try:
+            return self.server.api.handle(req)
+        except Exception as exc:  # a stand-in bug must not drop the connection silently
+            LOG.exception(f"{self.command} {self.path}: internal error")
+            return Reply(500, json.dumps(status_failure(
+                500, "InternalError", f"Internal error occurred: {exc!r}")).encode())
+
+    def _serve(self) -> None:
+        started = time.monotonic()
+        user = identity(self.connection.getpeercert())
+        reply = self._reply(user)
         self.send_response(reply.code)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -359,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(reply.body)
         took = (time.monotonic() - started) * 1000
-        log("I", f"{self.command} {self.path} {reply.code} user={user.name} "
+        LOG.info(f"{self.command} {self.path} {reply.code} user={user.name} "
                  f"{took:.1f}ms")
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
@@ -373,11 +421,12 @@ def build(options: Options, environ: dict[str, str]) -> tuple[TLSServer, Health,
     """Load every input and bind the port; raises StartupError for an unusable input."""
     check_files(options)
     tls = serving_context(options)
-    etcd = Etcd3(options.list("etcd-servers"), etcd_context(options))
+    etcd_tls = etcd_context(options)
+    etcd = Etcd3(options.strings("etcd-servers"), etcd_tls)
     storage = Storage(etcd, options.get("etcd-prefix"))
     git = git_version(environ)
     if not git:
-        log("W", "neither STANDIN_VERSION nor an RKEL_IMAGE tag names a version: "
+        LOG.warning("neither STANDIN_VERSION nor an RKEL_IMAGE tag names a version: "
                  "reporting v0.0.0")
         git = "v0.0.0"
     ports = options.get("service-node-port-range")  # N1-N2, or N+size
@@ -388,20 +437,22 @@ def build(options: Options, environ: dict[str, str]) -> tuple[TLSServer, Health,
     port = int(options.get("secure-port"))
     advertise = options.get("advertise-address") or (bind if bind not in ("0.0.0.0", "::")
                                                      else "127.0.0.1")
-    info = ServerInfo(version_info(git), tuple(options.list("authorization-mode")),
-                      tuple(options.list("service-cluster-ip-range")), (first, last),
+    info = ServerInfo(version_info(git), tuple(options.strings("authorization-mode")),
+                      tuple(options.strings("service-cluster-ip-range")), (first, last),
                       advertise, port)
-    health = Health(etcd)
+    timeout = duration_seconds(options.get("etcd-healthcheck-timeout")) or 2.0
+    health = Health(Etcd3(options.strings("etcd-servers"), etcd_tls, timeout=timeout))
     try:
         server = TLSServer((bind, port), Api(storage, info, health), tls)
     except OSError as exc:
         raise StartupError(f"failed to create listener: failed to listen on {bind}:{port}: "
-                           f"listen tcp {bind}:{port}: bind: {exc.strerror.lower()}") from None
+                           f"listen tcp {bind}:{port}: bind: {(exc.strerror or str(exc)).lower()}") from None
     return server, health, storage, info
 
 
 def main(argv: list[str], environ: dict[str, str]) -> int:
     """Run the stand-in until SIGTERM/SIGINT; the exit code, like the real binary's."""
+    setup_logging()
     try:
         options = parse_args(argv)
     except FlagError as exc:
@@ -411,19 +462,23 @@ def main(argv: list[str], environ: dict[str, str]) -> int:
         print(usage())
         return 0
     if options.has("version") and options.get("version") != "false":
-        print(f"Kubernetes {git_version(environ) or 'v0.0.0'} (kube-apiserver stand-in)")
+        git = git_version(environ) or "v0.0.0"
+        if options.get("version") == "raw":
+            print(json.dumps(version_info(git), indent=2))
+        else:
+            print(f"Kubernetes {git} (kube-apiserver stand-in)")
         return 0
     errors = validate(options)
     if errors:
-        log("E", f'"command failed" err="[{", ".join(errors)}]"')
+        LOG.error(f'"command failed" err="[{", ".join(errors)}]"')
         return 1
     try:
         server, health, storage, info = build(options, environ)
     except StartupError as exc:
-        log("E", f'"command failed" err="{exc}"')
+        LOG.error(f'"command failed" err="{exc}"')
         return 1
     if options.ignored():
-        log("I", f"accepted and not used by the stand-in: --{', --'.join(options.ignored())}")
+        LOG.info(f"accepted and not used by the stand-in: --{', --'.join(options.ignored())}")
     return serve(server, health, storage, info, options)
 
 
@@ -437,17 +492,17 @@ def serve(server: TLSServer, health: Health, storage: Storage, info: ServerInfo,
                      daemon=True).start()
     ok, err = health.etcd_ok()
     if not ok:
-        log("W", f"etcd is not reachable yet ({err}); serving, /readyz fails until it answers")
-    log("I", f"Serving securely on {options.get('bind-address')}:{info.port} "
+        LOG.warning(f"etcd is not reachable yet ({err}); serving, /readyz fails until it answers")
+    LOG.info(f"Serving securely on {options.get('bind-address')}:{info.port} "
              f"(kube-apiserver stand-in {info.version['gitVersion']}, etcd "
-             f"{','.join(options.list('etcd-servers'))} prefix {options.get('etcd-prefix')})")
+             f"{','.join(options.strings('etcd-servers'))} prefix {options.get('etcd-prefix')})")
     while not stop.wait(0.5):
         pass
-    log("I", "[graceful-termination] received SIGTERM, shutting down")
+    LOG.info("[graceful-termination] received SIGTERM, shutting down")
     health.shutting_down.set()
     server.shutdown()
     server.server_close()
-    log("I", "[graceful-termination] apiserver is exiting")
+    LOG.info("[graceful-termination] apiserver is exiting")
     return 0
 
 
