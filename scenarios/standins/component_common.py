@@ -112,6 +112,17 @@ def parse_flags(argv: list[str], allowed: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def help_or_version(name: str, flags: dict[str, str], environ: dict[str, str]) -> bool:
+    """Answer --help / --version as the real binaries do; True when one was answered."""
+    if flags.get("help") == "true":
+        print(f"{name} stand-in: see scenarios/standins/README.md")
+        return True
+    if flags.get("version"):
+        print(f"Kubernetes {environ.get('STANDIN_VERSION', 'v0.0.0')} ({name} stand-in)")
+        return True
+    return False
+
+
 def flags_or_exit(name: str, argv: list[str], allowed: dict[str, str]) -> dict[str, str]:
     try:
         return parse_flags(argv, allowed)

@@ -32,7 +32,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -50,6 +49,7 @@ from apiserver_objects import ApiError, now, status_failure
 from apiserver_rest import Api, Reply, Request, ServerInfo
 from apiserver_store import Storage
 from etcd3 import Etcd3, EtcdError
+from kubeconfig_client import KlogFormatter
 
 NAME = "kube-apiserver-standin"
 HANDSHAKE_TIMEOUT = 10.0
@@ -62,22 +62,6 @@ class StartupError(Exception):
 
 
 LOG = logging.getLogger(NAME)
-
-
-class KlogFormatter(logging.Formatter):
-    """klog's line format: `I0102 15:04:05.000000    1234 kube-apiserver-standin] message`."""
-
-    LEVELS: ClassVar[dict[int, str]] = {logging.DEBUG: "I", logging.INFO: "I",
-                                        logging.WARNING: "W", logging.ERROR: "E",
-                                        logging.CRITICAL: "F"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%m%d %H:%M:%S.%f")
-        text = f"{self.LEVELS.get(record.levelno, 'I')}{stamp} {record.process:>7} " \
-               f"{record.name}] {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
 
 
 def setup_logging() -> None:

@@ -29,6 +29,7 @@ from component_common import (
     env_seconds,
     flags_or_exit,
     health_server,
+    help_or_version,
     now_rfc3339,
     parse_duration,
     parse_rfc3339,
@@ -157,11 +158,7 @@ class NodeLifecycle:
 
 def main(argv: list[str], environ: dict[str, str]) -> int:
     flags = flags_or_exit(NAME, argv, FLAGS)
-    if flags.get("help") == "true":
-        print(f"{NAME} stand-in: see scenarios/standins/README.md")
-        return 0
-    if flags.get("version"):
-        print(f"Kubernetes {environ.get('STANDIN_VERSION', 'v0.0.0')} ({NAME} stand-in)")
+    if help_or_version(NAME, flags, environ):
         return 0
     try:
         kubeconfig = read_kubeconfig(flags.get("kubeconfig", ""))

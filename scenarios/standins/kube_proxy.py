@@ -22,6 +22,7 @@ from component_common import (
     env_port,
     flags_or_exit,
     health_server,
+    help_or_version,
     read_kubeconfig,
     run_until_signal,
     setup_logging,
@@ -68,11 +69,7 @@ def healthz_address(flags: dict[str, str], environ: dict[str, str]) -> tuple[str
 
 def main(argv: list[str], environ: dict[str, str]) -> int:
     flags = flags_or_exit(NAME, argv, FLAGS)
-    if flags.get("help") == "true":
-        print(f"{NAME} stand-in: see scenarios/standins/README.md")
-        return 0
-    if flags.get("version"):
-        print(f"Kubernetes {environ.get('STANDIN_VERSION', 'v0.0.0')} ({NAME} stand-in)")
+    if help_or_version(NAME, flags, environ):
         return 0
     try:
         cidr = flags.get("cluster-cidr", "")
