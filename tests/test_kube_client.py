@@ -23,26 +23,17 @@ from tests.test_standin_apiserver import (
     NODE,
     ApiServer,
     Cluster,
-    Etcd,
     free_port,
     register_node,
+    running_api,
 )
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     cluster = Cluster(tmp_path_factory.mktemp("kube-pki"))
-    etcd = Etcd(cluster, tmp_path_factory.mktemp("kube-etcd"))
-    etcd.start()
-    try:
-        server = ApiServer(cluster, etcd.endpoint, tmp_path_factory.mktemp("kube-apiserver"))
-        try:
-            server.wait_for("/readyz", 200)
-            yield server
-        finally:
-            server.stop()
-    finally:
-        etcd.stop()
+    with running_api(cluster, tmp_path_factory, "kube") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

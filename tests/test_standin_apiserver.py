@@ -10,6 +10,7 @@ presenting rkel's certificates (kube-admin, the kubelet's kube-node-<name>).
 from __future__ import annotations
 
 import ast
+import contextlib
 import http.client
 import json
 import os
@@ -228,6 +229,23 @@ class ApiServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_api(cluster: Cluster, factory: pytest.TempPathFactory, prefix: str
+                ) -> Iterator[ApiServer]:
+    """A real etcd and the stand-in in front of it, both stopped afterwards, whatever happens."""
+    etcd = Etcd(cluster, factory.mktemp(f"{prefix}-etcd"))
+    server = None
+    try:
+        etcd.start()
+        server = ApiServer(cluster, etcd.endpoint, factory.mktemp(f"{prefix}-apiserver"))
+        server.wait_for("/readyz", 200)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        etcd.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ from tests.test_standin_apiserver import (
     STANDINS,
     ApiServer,
     Cluster,
-    Etcd,
     free_port,
+    running_api,
     tail,
 )
 
@@ -55,17 +55,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
 
 @pytest.fixture(scope="module")
 def api(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    etcd = Etcd(cluster, tmp_path_factory.mktemp("kubelet-etcd"))
-    server = None
-    try:
-        etcd.start()
-        server = ApiServer(cluster, etcd.endpoint, tmp_path_factory.mktemp("kubelet-apiserver"))
-        server.wait_for("/readyz", 200)
+    with running_api(cluster, tmp_path_factory, "kubelet") as server:
         yield server
-    finally:
-        if server is not None:
-            server.stop()
-        etcd.stop()
 
 
 class Kubelet:
