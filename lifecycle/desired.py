@@ -59,6 +59,7 @@ from lifecycle.versions import (  # noqa: F401  (supported_versions, version_inf
 CONTAINER_NAME_LABEL = "io.rancher.rke.container.name"
 RKE_TOOLS_ENTRYPOINT = "/opt/rke-tools/entrypoint.sh"
 ETCD_DATA_DIR = "/var/lib/rancher/etcd"  # inside the container; the host side is /var/lib/etcd
+SIDEKICK = "service-sidekick"  # carries /opt/rke-tools (entrypoint.sh) to the components
 ETCD_BOOTSTRAP_FLAGS = ("initial-cluster", "initial-cluster-state", "initial-cluster-token")
 ETCD_CLUSTER_TOKEN = "etcd-cluster-1"
 DOCKER_ROOT_DIR = "/var/lib/docker"  # RKE reads it from `docker info`; the spec stays host-free
@@ -118,6 +119,9 @@ class _Context:
         self.images["nginx-proxy"] = self._image(
             pinned.get("nginx_proxy") or info.image("nginx_proxy")
         )
+        self.images[SIDEKICK] = self._image(
+            pinned.get("kubernetes_services_sidecar") or info.image("kubernetes_services_sidecar")
+        )
         self.images["pod-infra"] = self._image(
             pinned.get("pod_infra_container")
             or s.kubelet.infra_container_image
@@ -166,6 +170,11 @@ def _is_ip(value: str) -> bool:
 
 def _entrypoint(component: str) -> tuple[str, ...]:
     return (RKE_TOOLS_ENTRYPOINT, component)
+
+
+def _component(ctx: _Context, name: str, service: BaseService | None, **fields: Any) -> ServiceSpec:
+    """A Kubernetes component: run through rke-tools' entrypoint, which the sidekick carries."""
+    return _spec(ctx, name, service, command=_entrypoint(name), volumes_from=(SIDEKICK,), **fields)
 
 
 # --- services ------------------------------------------------------------------------------
@@ -267,11 +276,10 @@ def _kube_apiserver(ctx: _Context, node: Node) -> ServiceSpec:
     # is not added: it needs an admission configuration file, which nothing delivers yet.)
     if api.always_pull_images and defaults.get("enable-admission-plugins"):
         defaults["enable-admission-plugins"] += ",AlwaysPullImages"
-    return _spec(
+    return _component(
         ctx,
         "kube-apiserver",
         api,
-        command=_entrypoint("kube-apiserver"),
         args=render_args(builtin, defaults, api),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=HealthCheck(
@@ -294,11 +302,10 @@ def _kube_controller_manager(ctx: _Context, node: Node) -> ServiceSpec:
     }
     if ctx.rbac:
         builtin["use-service-account-credentials"] = "true"
-    return _spec(
+    return _component(
         ctx,
         "kube-controller-manager",
         svc,
-        command=_entrypoint("kube-controller-manager"),
         args=render_args(builtin, ctx.info.component_flags("kube-controller-manager"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=HealthCheck(url="https://127.0.0.1:10257/healthz", expect="ok"),
@@ -313,14 +320,26 @@ def _kube_scheduler(ctx: _Context, node: Node) -> ServiceSpec:
         "authentication-kubeconfig": kubeconfig,
         "authorization-kubeconfig": kubeconfig,
     }
-    return _spec(
+    return _component(
         ctx,
         "kube-scheduler",
         svc,
-        command=_entrypoint("kube-scheduler"),
         args=render_args(builtin, ctx.info.component_flags("kube-scheduler"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=HealthCheck(url="https://127.0.0.1:10259/healthz", expect="ok"),
+    )
+
+
+def _sidekick(ctx: _Context) -> ServiceSpec:
+    """RKE's service-sidekick: created from rke-tools and run once (it exits at once); the
+    components mount its /opt/rke-tools volume with volumes_from."""
+    return _spec(
+        ctx,
+        SIDEKICK,
+        None,
+        command=("/bin/true",),
+        network_mode="none",
+        restart="no",
     )
 
 
@@ -397,11 +416,10 @@ def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
     if kubelet_dir != "/var/lib/kubelet":
         # RKE's special case so flex volume plugins keep working under a prefix.
         binds.append("/var/lib/kubelet/volumeplugins:/var/lib/kubelet/volumeplugins:shared")
-    return _spec(
+    return _component(
         ctx,
         "kubelet",
         svc,
-        command=_entrypoint("kubelet"),
         args=render_args(builtin, ctx.info.component_flags("kubelet"), svc),
         env=env,
         binds=binds,
@@ -418,11 +436,10 @@ def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
         "hostname-override": node.name,
         "kubeconfig": certs.kubeconfig_path(certs.KUBE_PROXY),
     }
-    return _spec(
+    return _component(
         ctx,
         "kube-proxy",
         svc,
-        command=_entrypoint("kube-proxy"),
         args=render_args(builtin, ctx.info.component_flags("kube-proxy"), svc),
         binds=[
             f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
@@ -439,11 +456,13 @@ def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
 
 
 def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
-    """The node's containers in start order: etcd, control plane, local proxy, kubelet, proxy."""
+    """The node's containers in start order: etcd, the sidekick, control plane, local proxy,
+    kubelet, proxy."""
     roles = set(node.role)
     out: list[ServiceSpec] = []
     if "etcd" in roles:
         out.append(_etcd(ctx, node))
+    out.append(_sidekick(ctx))
     if "controlplane" in roles:
         out += [
             _kube_apiserver(ctx, node),

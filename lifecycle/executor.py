@@ -102,7 +102,7 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
 DEFAULT_WORKERS = 64
 
 STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
-KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node")
+KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node", "node-metadata")
 
 
 def etcd_data_dir(spec: ServiceSpec) -> str:
@@ -293,6 +293,10 @@ class Executor:
                     **self._node_fields(plan, want.name),
                     "certs_hash": (step.detail or {}).get("certs_hash", ""),
                 }))
+            elif step.action == "node-metadata":
+                meta = step.detail or {}
+                ops.append(UpsertNode(step.node, {"labels": meta.get("labels", {}),
+                                                  "taints": meta.get("taints", [])}))
             elif step.action == "remove-service":
                 ops.append(DeleteService(step.node, step.service))
             elif step.action == "forget-node":
@@ -347,6 +351,10 @@ class Executor:
             effects.wait_node_ready(self.backend.kube(), step.node, sleep, self._kubelet_version(plan, step.node))
         elif action == "uncordon":
             self.backend.kube().uncordon(step.node)
+        elif action == "node-metadata":
+            detail = step.detail or {}
+            taints = [(str(k), str(v), str(e)) for k, v, e in detail.get("taints", [])]
+            self.backend.kube().sync_node_metadata(step.node, dict(detail.get("labels", {})), taints)
         elif action == "etcd-leave":
             effects.etcd_leave(self.backend.etcd(), step.node)
         elif action == "drain-out":

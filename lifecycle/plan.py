@@ -54,6 +54,9 @@ class CurrentNode:
     port: int = 22
     user: str = ""
     services: tuple[CurrentService, ...] = ()
+    # What rkel last applied to the Kubernetes Node (cluster.yml labels, role labels, taints).
+    labels: tuple[tuple[str, str], ...] = ()
+    taints: tuple[tuple[str, str, str], ...] = ()
 
     def service(self, name: str) -> CurrentService | None:
         return next((s for s in self.services if s.name == name), None)
@@ -273,16 +276,28 @@ def _node_unit(
     ]
     new = _is_new(cur)
     needs_ready = new and "kubelet" in services
-    if not steps and not needs_ready and not (cur is not None and cur.state != "running"):
-        return None
+    metadata = _metadata_step(want, cur) if "kubelet" in services else None
     name = want.name
+    if not steps and not needs_ready and not (cur is not None and cur.state != "running"):
+        # Labels and taints alone change through the API: no cordon, no restart.
+        return Unit(name, "change", (metadata,)) if metadata is not None else None
+    tail = (metadata,) if metadata is not None else ()
     if new:
-        return Unit(name, "add", tuple(steps) + (Step(f"{name}:ready", name, "wait-ready"),))
+        return Unit(name, "add", tuple(steps) + (Step(f"{name}:ready", name, "wait-ready"),) + tail)
     prefix = [Step(f"{name}:cordon", name, "cordon")]
     if drain:
         prefix.append(Step(f"{name}:drain", name, "drain"))
-    suffix = [Step(f"{name}:ready", name, "wait-ready"), Step(f"{name}:uncordon", name, "uncordon")]
+    suffix = [Step(f"{name}:ready", name, "wait-ready"), *tail,
+              Step(f"{name}:uncordon", name, "uncordon")]
     return Unit(name, "change", tuple(prefix + steps + suffix))
+
+
+def _metadata_step(want: NodeDesired, cur: CurrentNode | None) -> Step | None:
+    """Set the Node's labels and taints when they differ from what rkel last applied."""
+    if cur is not None and (cur.labels, cur.taints) == (want.labels, want.taints):
+        return None
+    detail = {"labels": dict(want.labels), "taints": [list(t) for t in want.taints]}
+    return Step(f"{want.name}:metadata", want.name, "node-metadata", detail=detail)
 
 
 def _groups_for(

@@ -89,6 +89,8 @@ def current_state(store: Store) -> Current:
             port=n.port,
             user=n.user,
             services=tuple(sorted(services.get(n.name, []), key=lambda s: s.name)),
+            labels=tuple(sorted((str(k), str(v)) for k, v in n.labels.items())),
+            taints=tuple(sorted(n.taints)),
         )
         for n in store.nodes()
     )

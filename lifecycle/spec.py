@@ -55,11 +55,16 @@ class ServiceSpec:
     # The executor fills them from the live membership; they are not part of the hash, so a
     # membership change does not restart every member.
     bootstrap_args: tuple[str, ...] = ()
+    # Containers whose volumes this one mounts (RKE's `service-sidekick`, which carries
+    # /opt/rke-tools into every Kubernetes component container).
+    volumes_from: tuple[str, ...] = ()
 
     @property
     def hash(self) -> str:
         data = asdict(self)
         data.pop("bootstrap_args")
+        if not data["volumes_from"]:
+            data.pop("volumes_from")  # specs without it hash as they did before it existed
         return sha256_hex(canonical_json(data))[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +87,7 @@ class ServiceSpec:
             health=HealthCheck(**health) if health else None,
             labels=tuple((k, v) for k, v in data.get("labels", ())),
             bootstrap_args=tuple(data.get("bootstrap_args", ())),
+            volumes_from=tuple(data.get("volumes_from", ())),
         )
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io openssh-server etcd-server etcd-client docker-registry apache2-utils busybox-static iproute2 iptables)
+packages=(docker.io openssh-server etcd-server etcd-client docker-registry apache2-utils busybox-static iproute2 iptables openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

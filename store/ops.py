@@ -23,7 +23,7 @@ from store.rows import (
     dumps,
 )
 
-_NODE_JSON = {"roles": list, "labels": dict}
+_NODE_JSON = {"roles": list, "labels": dict, "taints": list}
 _SERVICE_JSON = {"spec": dict}
 
 

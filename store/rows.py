@@ -69,6 +69,7 @@ class NodeRow:
     certs_hash: str | None
     labels: dict[str, Any]
     updated_at: str
+    taints: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def from_db(cls, row: dict[str, Any]) -> NodeRow:
@@ -84,6 +85,7 @@ class NodeRow:
             certs_hash=row["certs_hash"],
             labels=loads(row["labels"], {}),
             updated_at=row["updated_at"],
+            taints=tuple(tuple(t) for t in loads(row.get("taints", "[]"), [])),  # type: ignore[misc]
         )
 
 
@@ -280,7 +282,9 @@ class LockInfo:
 
 # --- state operations -------------------------------------------------------------------------
 
-NODE_FIELDS = ("address", "internal_address", "port", "user", "roles", "state", "certs_hash", "labels")
+NODE_FIELDS = (
+    "address", "internal_address", "port", "user", "roles", "state", "certs_hash", "labels", "taints",
+)
 SERVICE_FIELDS = ("state", "spec_hash", "image", "spec")
 
 

@@ -143,3 +143,10 @@ def _journal_append_only(db: Database) -> None:
                BEGIN SELECT RAISE(ABORT, 'journal is append-only: rows cannot be deleted'); END""",
         ],
     )
+
+
+@_migration("0003_node_taints")
+def _node_taints(db: Database) -> None:
+    # What rkel last applied to the Kubernetes Node: `labels` (a dict) and now `taints`, a list
+    # of [key, value, effect].
+    _run(db, ["ALTER TABLE nodes ADD COLUMN taints TEXT NOT NULL DEFAULT '[]'"])

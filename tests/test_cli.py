@@ -101,7 +101,7 @@ def test_validate_missing_file_is_clear(tmp_path: Path) -> None:
 def test_plan_then_apply_then_nothing_to_do(cluster: Path) -> None:
     plan = rkel("-c", str(cluster), "plan")
     assert plan.returncode == 0, plan.stderr
-    assert "Plan: 14 to add, 0 to change, 0 to remove." in plan.stdout
+    assert "Plan: 17 to add, 0 to change, 0 to remove." in plan.stdout
     # phases appear in order
     positions = [plan.stdout.index(f"] {p}:") for p in ("certs", "etcd", "controlplane", "workers")]
     assert positions == sorted(positions)
@@ -110,7 +110,7 @@ def test_plan_then_apply_then_nothing_to_do(cluster: Path) -> None:
     again = rkel("-c", str(cluster), "plan")
     assert "No changes" in again.stdout
     status = rkel("-c", str(cluster), "status")
-    assert status.stdout.count(" running ") >= 3 + 14
+    assert status.stdout.count(" running ") >= 3 + 17
     assert "kube-apiserver" in status.stdout and "rancher/hyperkube:v1.30.5-rancher1" in status.stdout
 
 
@@ -118,8 +118,8 @@ def test_plan_json_is_the_same_plan(cluster: Path) -> None:
     text = rkel("-c", str(cluster), "plan")
     data = json.loads(rkel("-c", str(cluster), "-o", "json", "plan").stdout)
     steps = [s for g in data["groups"] for u in g["units"] for s in u["steps"]]
-    assert sum(1 for s in steps if s["action"] == "start") == 14
-    assert data["summary"]["add"] == 14 and "Plan: 14 to add" in text.stdout
+    assert sum(1 for s in steps if s["action"] == "start") == 17  # 14 services and a service-sidekick per node
+    assert data["summary"]["add"] == 17 and "Plan: 17 to add" in text.stdout
     assert [g["phase"] for g in data["groups"]] == ["certs", "etcd", "controlplane", "workers"]
 
 

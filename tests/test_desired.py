@@ -266,14 +266,15 @@ def test_golden_three_nodes():
     assert order == {
         "cp1": [
             "etcd",
+            "service-sidekick",
             "kube-apiserver",
             "kube-controller-manager",
             "kube-scheduler",
             "kubelet",
             "kube-proxy",
         ],
-        "10.0.0.2": ["etcd", "nginx-proxy", "kubelet", "kube-proxy"],
-        "w1": ["nginx-proxy", "kubelet", "kube-proxy"],
+        "10.0.0.2": ["etcd", "service-sidekick", "nginx-proxy", "kubelet", "kube-proxy"],
+        "w1": ["service-sidekick", "nginx-proxy", "kubelet", "kube-proxy"],
     }
 
     # cp1: controlplane + etcd + worker
@@ -298,6 +299,14 @@ def test_golden_three_nodes():
     api = spec(d, "cp1", "kube-apiserver")
     assert list(api.args) == APISERVER_CP1
     assert api.command == ("/opt/rke-tools/entrypoint.sh", "kube-apiserver")
+    # entrypoint.sh comes from the sidekick's /opt/rke-tools volume, as with RKE
+    assert api.volumes_from == ("service-sidekick",)
+    sidekick = spec(d, "cp1", "service-sidekick")
+    assert (sidekick.image, sidekick.command, sidekick.network_mode, sidekick.restart) == (
+        "rancher/rke-tools:v0.1.102", ("/bin/true",), "none", "no")
+    assert all(spec(d, n, c).volumes_from == ("service-sidekick",)
+               for n, c in [("w1", "kubelet"), ("w1", "kube-proxy"), ("cp1", "kube-scheduler")])
+    assert spec(d, "w1", "nginx-proxy").volumes_from == ()
     assert api.image == "rancher/hyperkube:v1.30.5-rancher1"
     assert api.binds == ("/etc/kubernetes:/etc/kubernetes",)
     assert api.health is not None
@@ -349,8 +358,9 @@ def test_golden_three_nodes():
             labels = dict(s.labels)
             assert labels["io.rancher.rke.container.name"] == s.name
             # every service that reads a certificate carries the hash of what it reads
-            assert ("io.rkel.certs" in labels) == (s.name != "nginx-proxy")
-            assert s.network_mode == "host" and s.restart == "always"
+            assert ("io.rkel.certs" in labels) == (s.name not in ("nginx-proxy", "service-sidekick"))
+            if s.name != "service-sidekick":
+                assert s.network_mode == "host" and s.restart == "always"
 
 
 def test_golden_node_identity_roles_labels_taints():

@@ -131,7 +131,8 @@ def test_fresh_nodes_come_up_all_at_once() -> None:
             assert group.concurrency == len(group.units), group.title
             for unit in group.units:
                 assert unit.kind == "add"
-                assert actions(unit)[-1] == "wait-ready"
+                # Ready first, then the Node gets cluster.yml's labels and taints.
+                assert actions(unit)[-2:] == ["wait-ready", "node-metadata"]
                 assert "cordon" not in actions(unit)  # nothing runs there yet to protect
     assert names(only_group(plan, "controlplane")) == ["n1", "n4"]
     assert names(only_group(plan, "workers", "worker nodes")) == ["n5", "n6", "n7"]

@@ -36,6 +36,8 @@ def _unit_lines(unit: Unit) -> list[str]:
     ]
     if "drain-out" in actions:
         extras.append("drain")
+    if "node-metadata" in actions:
+        extras.append("labels/taints")
     if "deliver-certs" in actions:
         certs = (unit.steps[0].detail or {}).get("certs", [])
         extras.append(f"{len(certs)} certificate(s)")

@@ -104,6 +104,28 @@ class KubeAPI(Protocol):
 
     def delete_node(self, name: str) -> None: ...
 
+    def sync_node_metadata(self, name: str, labels: dict[str, str],
+                           taints: list[tuple[str, str, str]]) -> None:
+        """Give the Node exactly these cluster.yml labels and (key, value, effect) taints,
+        removing ones rkel set before and touching none it did not set (kept in annotations).
+        HostError when the kubelet has not registered the Node."""
+        ...
+
+    def save_state_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
+        """Create or replace an Opaque Secret with `data` (labelled managed-by rkel)."""
+        ...
+
+    def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
+        """Server-side apply each object, CRDs and Namespaces first; returns
+        "kind/namespace/name" ("kind/name" when cluster-scoped) of each. HostError naming every
+        object that an unknown kind or a server refusal stopped."""
+        ...
+
+    def wait_rollout(self, objects: list[dict], timeout: float) -> None:
+        """Poll until the Deployments, DaemonSets, StatefulSets and Jobs among `objects` have
+        rolled out and the rest exist; HostError naming each unready object on timeout."""
+        ...
+
 
 class EtcdAPI(Protocol):
     """The etcd cluster's membership API (through a healthy member)."""

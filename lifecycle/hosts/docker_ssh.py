@@ -281,6 +281,7 @@ class SSHHost:
                 network_mode=spec.network_mode or None,
                 pid_mode=spec.pid_mode or None,
                 restart_policy={"Name": spec.restart} if spec.restart else None,
+                volumes_from=list(spec.volumes_from) or None,
             )
             self.api.create_container(
                 spec.image,

@@ -22,6 +22,20 @@ from typing import Any, Mapping, Sequence
 
 from lifecycle.errors import HostError, HostUnreachableError
 from lifecycle.hosts import Container, DrainOptions, EtcdMember, KubeNode
+from lifecycle.hosts.kube import (
+    API,
+    apply_failed,
+    identity,
+    manifest_order,
+    merge_patch,
+    node_metadata_patch,
+    not_registered,
+    object_key,
+    rollout_pending,
+    rollout_timeout,
+    state_secret,
+    unknown_kind,
+)
 from lifecycle.spec import NodeRef, ServiceSpec
 
 
@@ -41,9 +55,41 @@ class Latency:
     cordon: float = 0.2
     drain: float = 8.0
     delete_node: float = 0.2
+    kube_write: float = 0.1  # one API write (label, Secret, one applied manifest)
+    rollout: float = 20.0  # from applying a workload until its pods are all available
     etcd: float = 0.3
     jitter: float = 0.0  # +- fraction, drawn from a seeded generator
     seed: int = 0
+
+
+# What the simulated API server serves ("discovery"): (apiVersion, kind) -> namespaced.
+SIM_KINDS: dict[tuple[str, str], bool] = {
+    **{("v1", k): True for k in ("ConfigMap", "Secret", "ServiceAccount", "Service", "Pod",
+                                 "Endpoints", "PersistentVolumeClaim", "LimitRange",
+                                 "ResourceQuota", "Event")},
+    **{("v1", k): False for k in ("Namespace", "Node", "PersistentVolume")},
+    **{("apps/v1", k): True for k in ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet")},
+    **{("batch/v1", k): True for k in ("Job", "CronJob")},
+    ("rbac.authorization.k8s.io/v1", "Role"): True,
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): True,
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): False,
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): False,
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): False,
+    ("policy/v1", "PodDisruptionBudget"): True,
+    ("networking.k8s.io/v1", "NetworkPolicy"): True,
+    ("networking.k8s.io/v1", "Ingress"): True,
+    ("networking.k8s.io/v1", "IngressClass"): False,
+    ("storage.k8s.io/v1", "StorageClass"): False,
+    ("scheduling.k8s.io/v1", "PriorityClass"): False,
+    ("coordination.k8s.io/v1", "Lease"): True,
+    ("discovery.k8s.io/v1", "EndpointSlice"): True,
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): True,
+    ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"): False,
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): False,
+    ("apiregistration.k8s.io/v1", "APIService"): False,
+}
+BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet", "Job")
 
 
 @dataclass
@@ -74,7 +120,11 @@ class SimWorld:
         self.latency = latency or Latency()
         self.path = path
         self.hosts: dict[str, SimHost] = {}
-        self.kube_nodes: dict[str, dict[str, Any]] = {}  # name -> {schedulable, version}
+        # name -> {schedulable, version, labels, annotations, taints}
+        self.kube_nodes: dict[str, dict[str, Any]] = {}
+        self.kube_objects: dict[str, dict[str, Any]] = {}  # "kind/ns/name" -> object, no status
+        self.kube_rollouts: dict[str, float] = {}  # workload key -> clock when rolled out
+        self.stuck_rollouts: list[str] = []  # workload keys that never roll out
         self.etcd: dict[str, dict[str, Any]] = {}  # name -> {peer_url, learner}
         self.creations: Counter[str] = Counter()  # "host/name@hash" -> times created
         self.quorum_violations: list[str] = []
@@ -116,6 +166,14 @@ class SimWorld:
                 h.never_healthy.append(service)
             if not value and service in h.never_healthy:
                 h.never_healthy.remove(service)
+
+    def set_rollout_stuck(self, key: str, value: bool = True) -> None:
+        """The workload "kind/namespace/name" never finishes rolling out (or does again)."""
+        with self._lock:
+            if value and key not in self.stuck_rollouts:
+                self.stuck_rollouts.append(key)
+            if not value and key in self.stuck_rollouts:
+                self.stuck_rollouts.remove(key)
 
     # ------------------------------------------------------------------ bookkeeping
     def _host(self, name: str) -> SimHost:
@@ -202,7 +260,10 @@ class SimWorld:
                 peer_url = initial.split("=", 2)[2]
                 self.etcd.setdefault(member, {"peer_url": peer_url, "learner": False})
             if spec.name == "kubelet":
-                node = self.kube_nodes.setdefault(host, {"schedulable": True, "version": ""})
+                # as a kubelet does: register the Node once; labels/taints of an existing one stay
+                node = self.kube_nodes.setdefault(
+                    host, {"schedulable": True, "version": "",
+                           **_registration(host, [*spec.args, *extra_args])})
                 node["version"] = spec.image.rsplit(":", 1)[-1]
             self._save()
 
@@ -295,6 +356,135 @@ class SimWorld:
             self.kube_nodes.pop(name, None)
             self._save()
 
+    def sync_node_metadata(self, name: str, labels: dict[str, str],
+                           taints: list[tuple[str, str, str]]) -> None:
+        self._spend(self.latency.kube_write)
+        with self._lock:
+            node = self.kube_nodes.get(name)
+            if node is None:
+                raise not_registered(name)
+            view = {"metadata": {"labels": node.get("labels") or {},
+                                 "annotations": node.get("annotations") or {}},
+                    "spec": {"taints": node.get("taints") or []}}
+            patch = node_metadata_patch(view, labels, taints, name)
+            if patch is None:
+                return
+            new = merge_patch(view, patch)
+            node["labels"] = dict(new["metadata"].get("labels") or {})
+            node["annotations"] = dict(new["metadata"].get("annotations") or {})
+            node["taints"] = list((new.get("spec") or {}).get("taints") or [])
+            self._save()
+
+    def _namespaces(self) -> set[str]:
+        made = {o["metadata"]["name"] for o in self.kube_objects.values()
+                if o.get("kind") == "Namespace"}
+        return set(BUILTIN_NAMESPACES) | made
+
+    def save_state_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
+        self._spend(self.latency.kube_write)
+        with self._lock:
+            if namespace not in self._namespaces():
+                raise HostError(API, f'save Secret {namespace}/{name}: 404 Not Found: namespaces '
+                                f'"{namespace}" not found')
+            self.kube_objects[object_key("Secret", namespace, name)] = \
+                state_secret(name, namespace, data)
+            self._save()
+
+    def _kinds(self) -> dict[tuple[str, str], bool]:
+        """SIM_KINDS plus what applied CustomResourceDefinitions define."""
+        kinds = dict(SIM_KINDS)
+        for obj in self.kube_objects.values():
+            if obj.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = obj.get("spec") or {}
+            kind = (spec.get("names") or {}).get("kind", "")
+            for version in spec.get("versions") or []:
+                if version.get("served", True) and spec.get("group") and kind:
+                    kinds[(f"{spec['group']}/{version.get('name')}", kind)] = \
+                        spec.get("scope", "Namespaced") == "Namespaced"
+        return kinds
+
+    def _locate(self, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        api_version, kind, name = identity(doc)
+        given = (doc.get("metadata") or {}).get("namespace") or ""
+        namespaced = self._kinds().get((api_version, kind))
+        if namespaced is None:
+            raise unknown_kind(api_version, kind, given, name)
+        obj = json.loads(json.dumps(doc))
+        obj.pop("status", None)  # status is the controllers' (a subresource on the real API)
+        meta = obj.setdefault("metadata", {})
+        if namespaced:
+            meta["namespace"] = given or "default"
+        else:
+            meta.pop("namespace", None)
+        return object_key(kind, meta.get("namespace", ""), name), obj
+
+    def apply_manifests(self, docs: list[dict]) -> list[str]:
+        ordered = manifest_order(docs)
+        applied, failed = [], []
+        for doc in ordered:
+            self._spend(self.latency.kube_write)
+            with self._lock:
+                try:
+                    key, obj = self._locate(doc)
+                except HostError as exc:
+                    failed.append(str(exc).removeprefix(f"{API}: "))
+                    continue
+                namespace = obj["metadata"].get("namespace")
+                if namespace and namespace not in self._namespaces():
+                    failed.append(f'{key}: 404 Not Found: namespaces "{namespace}" not found')
+                    continue
+                if self.kube_objects.get(key) != obj:  # unchanged: nothing rolls out again
+                    self.kube_objects[key] = obj
+                    if obj["kind"] in WORKLOADS:
+                        self.kube_rollouts[key] = self.clock() + self.latency.rollout
+                applied.append(key)
+        with self._lock:
+            self._save()
+        if failed:
+            raise apply_failed(failed, len(ordered))
+        return applied
+
+    def _observed(self, key: str) -> dict[str, Any] | None:
+        """The object as the API would return it, status filled in by the simulated controllers."""
+        obj = self.kube_objects.get(key)
+        if obj is None or obj.get("kind") not in WORKLOADS:
+            return obj
+        done = key not in self.stuck_rollouts and self.clock() >= self.kube_rollouts.get(key, 0.0)
+        want = (obj.get("spec") or {}).get("replicas", 1)
+        have = want if done else 0
+        status: dict[str, Any] = {
+            "Deployment": {"replicas": have, "updatedReplicas": have, "availableReplicas": have},
+            "StatefulSet": {"replicas": want, "readyReplicas": have},
+            "Job": {"succeeded": 1} if done else {"active": 1},
+        }.get(obj["kind"], {})
+        if obj["kind"] == "DaemonSet":
+            nodes = len(self.kube_nodes)
+            status = {"desiredNumberScheduled": nodes,
+                      "updatedNumberScheduled": nodes if done else 0,
+                      "numberAvailable": nodes if done else 0}
+        return {**obj, "status": status}
+
+    def wait_rollout(self, objects: list[dict], timeout: float, poll: float = 2.0) -> None:
+        with self._lock:
+            keys = [self._locate(doc)[0] for doc in manifest_order(objects)]
+        deadline = self.clock() + timeout
+        while True:
+            self._spend(self.latency.inspect)
+            with self._lock:
+                pending = {}
+                for key in keys:
+                    obj = self._observed(key)
+                    why = "not found" if obj is None else rollout_pending(obj)
+                    if why:
+                        pending[key] = why
+            if not pending:
+                return
+            if self.clock() >= deadline:
+                raise rollout_timeout(pending, timeout)
+            keys = list(pending)
+            self.sleep(poll)
+
     # ------------------------------------------------------------------ etcd
     def _etcd_reachable(self) -> None:
         voting, started = self.voting_started()
@@ -350,6 +540,9 @@ class SimWorld:
             "latency": asdict(self.latency),
             "hosts": {n: asdict(h) for n, h in sorted(self.hosts.items())},
             "kube_nodes": self.kube_nodes,
+            "kube_objects": self.kube_objects,
+            "kube_rollouts": self.kube_rollouts,
+            "stuck_rollouts": self.stuck_rollouts,
             "etcd": self.etcd,
             "creations": dict(self.creations),
             "quorum_violations": self.quorum_violations,
@@ -363,6 +556,9 @@ class SimWorld:
             containers = {k: SimContainer(**c) for k, c in h.pop("containers", {}).items()}
             world.hosts[name] = SimHost(**h, containers=containers)
         world.kube_nodes = dict(data.get("kube_nodes", {}))
+        world.kube_objects = dict(data.get("kube_objects", {}))
+        world.kube_rollouts = dict(data.get("kube_rollouts", {}))
+        world.stuck_rollouts = list(data.get("stuck_rollouts", []))
         world.etcd = dict(data.get("etcd", {}))
         world.creations = Counter(data.get("creations", {}))
         world.quorum_violations = list(data.get("quorum_violations", []))
@@ -378,6 +574,27 @@ class SimWorld:
 
     def backend(self) -> SimBackend:
         return SimBackend(self)
+
+
+def _registration(host: str, args: list[str]) -> dict[str, Any]:
+    """The labels and taints a kubelet registers its Node with (its own plus --node-labels
+    and --register-with-taints)."""
+    labels = {"kubernetes.io/hostname": host, "kubernetes.io/os": "linux",
+              "kubernetes.io/arch": "amd64"}
+    taints = []
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        items = [item for item in value.split(",") if item]
+        if flag == "--node-labels":
+            for item in items:
+                key, _, val = item.partition("=")
+                labels[key] = val
+        elif flag == "--register-with-taints":
+            for item in items:
+                pair, _, effect = item.rpartition(":")
+                key, _, val = pair.partition("=")
+                taints.append({"key": key, **({"value": val} if val else {}), "effect": effect})
+    return {"labels": labels, "annotations": {}, "taints": taints}
 
 
 class SimHostHandle:
@@ -443,6 +660,19 @@ class SimKube:
 
     def delete_node(self, name: str) -> None:
         self.world.delete_kube_node(name)
+
+    def sync_node_metadata(self, name: str, labels: dict[str, str],
+                           taints: list[tuple[str, str, str]]) -> None:
+        self.world.sync_node_metadata(name, labels, taints)
+
+    def save_state_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
+        self.world.save_state_secret(name, namespace, data)
+
+    def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
+        return self.world.apply_manifests(docs)
+
+    def wait_rollout(self, objects: list[dict], timeout: float) -> None:
+        self.world.wait_rollout(objects, timeout)
 
 
 class SimEtcd:

@@ -487,3 +487,16 @@ class NoKubeAPI:
 
     def delete_node(self, name: str) -> None:
         self._missing()
+
+    def sync_node_metadata(self, name: str, labels: dict[str, str],
+                           taints: list[tuple[str, str, str]]) -> None:
+        self._missing()
+
+    def save_state_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
+        self._missing()
+
+    def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
+        self._missing()
+
+    def wait_rollout(self, objects: list[dict], timeout: float) -> None:
+        self._missing()

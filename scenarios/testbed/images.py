@@ -1,9 +1,22 @@
 """Registry and images of the testbed: nothing is pulled from outside, everything is built here.
 
-Images are root filesystems assembled from the machine's own files (Debian's python3.11, etcd,
-etcdctl, busybox and the libraries `ldd` names for them), turned into images with
-`tar -C ROOTFS -c . | docker import -` on one of the testbed's engines, and pushed to the
-testbed registry (docker-registry, filesystem storage under the state dir). A second registry
+The base image is a root filesystem assembled from the machine's own files (Debian's python3.11,
+etcd, etcdctl, busybox and the libraries `ldd` names for them), turned into an image with
+`tar -C ROOTFS -c . | docker import -` on one of the testbed's engines. The etcd image is that
+base (real etcd). The others are the base plus files (`docker create` + `docker cp` + `docker
+commit`, so they share its layer):
+
+- `rancher/rke-tools:testbed`: /opt/rke-tools/entrypoint.sh (a VOLUME, as in the real image, which
+  the components get through the `service-sidekick` container) and the nginx-proxy stand-in;
+- `rancher/hyperkube:<tag>` for every Kubernetes version rkel ships data for: the stand-in
+  components under /opt/standins, each on PATH under its real name (kube-apiserver, kubelet, ...),
+  with STANDIN_VERSION set from the tag. These are stand-ins (see scenarios/standins/README.md),
+  named like the real images so that rkel's default image references work unchanged with the
+  testbed registry as the default private registry.
+
+Images are rebuilt when their sources change (a stamp of the stand-ins and this file is kept in
+the state dir). Everything is pushed to the testbed registry (docker-registry, filesystem storage
+under the state dir). A second registry
 process serves the same storage on AUTH_REGISTRY and requires HTTP basic auth (user AUTH_USER,
 a password generated once and kept 0600 in the state dir, never printed).
 """
@@ -11,6 +24,7 @@ a password generated once and kept 0600 in the state dir, never printed).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -38,6 +52,17 @@ MANIFEST_TYPES = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
 ])
 PY_SKIP = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "__pycache__")
+ROOT = Path(__file__).resolve().parents[2]
+STANDINS = ROOT / "scenarios" / "standins"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The stand-in components, by the name they have on PATH in the hyperkube image.
+COMPONENTS = {
+    "kube-apiserver": "kube_apiserver.py",
+    "kube-controller-manager": "kube_controller_manager.py",
+    "kube-scheduler": "kube_scheduler.py",
+    "kubelet": "kubelet.py",
+    "kube-proxy": "kube_proxy.py",
+}
 
 
 @dataclass(frozen=True)
@@ -46,17 +71,35 @@ class ImageSpec:
 
     repo: str
     tag: str
-    rootfs: str  # "base" (python3.11 + etcd + etcdctl + busybox) or "tools" (busybox)
+    kind: str  # "base" (python3.11 + etcd + etcdctl + busybox), "tools" or "hyperkube"
 
     @property
     def ref(self) -> str:
         return f"{REGISTRY}/{self.repo}:{self.tag}"
+
+    @property
+    def version(self) -> str:
+        """The Kubernetes release a hyperkube tag names: v1.30.5-rancher1 -> v1.30.5."""
+        return self.tag.split("-")[0]
+
+
+def hyperkube_tags() -> list[str]:
+    """The rancher/hyperkube tags of every Kubernetes version rkel ships data for."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from lifecycle.versions import default_catalog
+    finally:
+        sys.path.remove(str(ROOT))
+    catalog = default_catalog()
+    images = (catalog.info(v).image("kubernetes") for v in catalog.supported())
+    return sorted({i.rsplit(":", 1)[1] for i in images if i.startswith("rancher/hyperkube:")})
 
 
 IMAGES = (
     ImageSpec("rkel-test/base", "py311", "base"),
     ImageSpec("rancher/mirrored-coreos-etcd", "v3.4.23-testbed", "base"),
     ImageSpec("rancher/rke-tools", "testbed", "tools"),
+    *(ImageSpec("rancher/hyperkube", tag, "hyperkube") for tag in hyperkube_tags()),
 )
 
 
@@ -187,28 +230,90 @@ def missing_images() -> list[ImageSpec]:
     ]
 
 
+def source_stamp() -> str:
+    """A hash of everything the images are built from that lives in this repository."""
+    digest = hashlib.sha256()
+    files = [Path(__file__), *sorted(STANDINS.glob("*.py")), *sorted(STANDINS.glob("*.sh"))]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(repr(IMAGES).encode())
+    return digest.hexdigest()[:16]
+
+
 def ensure_images(sd: StateDir, builder: Host) -> list[str]:
-    """Build and push the missing images with `builder`'s engine; returns the refs pushed."""
-    missing = missing_images()
+    """Build and push the missing (or outdated) images with `builder`'s engine; returns the
+    refs pushed."""
+    stamp_file = sd.root / "images.stamp"
+    stamp = source_stamp()
+    fresh = stamp_file.exists() and stamp_file.read_text().strip() == stamp
+    missing = missing_images() if fresh else list(IMAGES)
     if not missing:
         return []
     docker = [DOCKER_CLI, "-H", f"unix://{sd.docker_sock(builder)}"]
     build = sd.root / "build"
     shutil.rmtree(build, ignore_errors=True)
     try:
-        for rootfs in sorted({img.rootfs for img in missing}):
-            started = time.monotonic()
-            tree = build / rootfs
-            (build_base_rootfs if rootfs == "base" else build_tools_rootfs)(tree)
-            local = f"rkel-testbed-build/{rootfs}:latest"
-            docker_import(docker, tree, local)
-            for img in (i for i in missing if i.rootfs == rootfs):
-                run([*docker, "tag", local, img.ref])
-                run([*docker, "push", img.ref], timeout=600)
-            log(f"built and pushed the {rootfs} image(s) in {time.monotonic() - started:.1f}s")
+        started = time.monotonic()
+        build_base_rootfs(build / "base")
+        base = "rkel-testbed-build/base:latest"
+        docker_import(docker, build / "base", base)
+        shutil.rmtree(build / "base")
+        for img in missing:
+            local = base
+            if img.kind != "base":
+                local = f"rkel-testbed-build/{img.kind}:{img.tag}"
+                overlay = build / f"{img.kind}-{img.tag}"
+                changes = (tools_overlay if img.kind == "tools" else hyperkube_overlay)(overlay, img)
+                derive(docker, base, overlay, changes, local)
+            run([*docker, "tag", local, img.ref])
+            run([*docker, "push", img.ref], timeout=600)
+        log(f"built and pushed {len(missing)} image(s) in {time.monotonic() - started:.1f}s")
     finally:
         shutil.rmtree(build, ignore_errors=True)
+    stamp_file.write_text(stamp + "\n")
     return [img.ref for img in missing]
+
+
+def derive(docker: list[str], base: str, overlay: Path, changes: list[str], name: str) -> None:
+    """Image `name`: `base` plus the files under `overlay`, with Dockerfile-style `changes`."""
+    cid = run([*docker, "create", base, "/bin/true"]).stdout.strip()
+    try:
+        run([*docker, "cp", f"{overlay}/.", f"{cid}:/"])
+        flags = [arg for change in [f"ENV {PATH_ENV}", *changes] for arg in ("-c", change)]
+        run([*docker, "commit", *flags, cid, name])
+    finally:
+        run([*docker, "rm", "-f", cid], check=False)
+
+
+def _script(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def _standins(tree: Path, names: list[str]) -> None:
+    dest = tree / "opt/standins"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy2(STANDINS / name, dest / name)
+
+
+def tools_overlay(tree: Path, _img: ImageSpec) -> list[str]:
+    """rke-tools: the entrypoint stand-in in the /opt/rke-tools volume, and nginx-proxy."""
+    _script(tree / "opt/rke-tools/entrypoint.sh", (STANDINS / "rke_tools_entrypoint.sh").read_text())
+    _standins(tree, [p.name for p in STANDINS.glob("*.py")])
+    _script(tree / "usr/bin/nginx-proxy",
+            "#!/bin/sh\nexec /usr/bin/python3.11 /opt/standins/nginx_proxy.py \"$@\"\n")
+    return ['VOLUME ["/opt/rke-tools"]']
+
+
+def hyperkube_overlay(tree: Path, img: ImageSpec) -> list[str]:
+    """hyperkube: every component stand-in on PATH under its real name, at the tag's version."""
+    _standins(tree, [p.name for p in STANDINS.glob("*.py")])
+    for component, script in COMPONENTS.items():
+        _script(tree / "usr/local/bin" / component,
+                f"#!/bin/sh\nexec /usr/bin/python3.11 /opt/standins/{script} \"$@\"\n")
+    return [f"ENV STANDIN_VERSION={img.version}"]
 
 
 def docker_import(docker: list[str], tree: Path, name: str) -> None:
@@ -259,17 +364,16 @@ def _skeleton(tree: Path) -> None:
             link.symlink_to("busybox")
 
 
-def build_tools_rootfs(tree: Path) -> None:
-    """A busybox-only root filesystem (helper containers that copy files: rke-tools' role)."""
-    _skeleton(tree)
-
-
 def build_base_rootfs(tree: Path) -> None:
-    """Python 3.11 (stdlib minus tests/GUI), etcd, etcdctl and busybox, with their libraries."""
+    """Python 3.11 (stdlib minus tests/GUI), etcd, etcdctl, openssl and busybox, with their
+    libraries."""
     _skeleton(tree)
-    binaries = ["/usr/bin/python3.11", "/usr/bin/etcd", "/usr/bin/etcdctl"]
+    # openssl: the controller-manager and scheduler stand-ins self-sign their serving certs.
+    binaries = ["/usr/bin/python3.11", "/usr/bin/etcd", "/usr/bin/etcdctl", "/usr/bin/openssl"]
     for binary in binaries:
         _copy_parents(binary, tree)
+    (tree / "usr/lib/ssl").mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/etc/ssl/openssl.cnf", tree / "usr/lib/ssl/openssl.cnf")
     shutil.copytree("/usr/lib/python3.11", tree / "usr/lib/python3.11", symlinks=True,
                     ignore=shutil.ignore_patterns(*PY_SKIP))
     if Path("/etc/python3.11").is_dir():

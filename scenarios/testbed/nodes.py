@@ -37,7 +37,10 @@ from procs import (
 )
 
 DOCKER_CLI = "/usr/bin/docker"  # Debian's CLI, the same release as the hosts' engines
-BIND_DIRS = {"etc-kubernetes": "/etc/kubernetes", "var-lib-etcd": "/var/lib/etcd", "opt-rke": "/opt/rke"}
+# Per-host directories over the paths rkel's containers bind (the hosts share one filesystem).
+BIND_DIRS = {"etc-kubernetes": "/etc/kubernetes", "var-lib-etcd": "/var/lib/etcd", "opt-rke": "/opt/rke",
+             "var-lib-kubelet": "/var/lib/kubelet", "var-lib-rancher": "/var/lib/rancher",
+             "var-lib-cni": "/var/lib/cni", "docker": "/var/lib/docker"}
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,14 @@ def prepare_host(sd: StateDir, host: Host, wipe: bool) -> None:
     for sub in ["run", "docker", *BIND_DIRS]:
         (hdir / sub).mkdir(parents=True, exist_ok=True)
     (hdir / "sshd_config").write_text(sshd_config(sd, host))
-    (hdir / "daemon.json").write_text("{}\n")  # keep the machine's /etc/docker/daemon.json out
+    # Our own daemon.json keeps the machine's /etc/docker/daemon.json out. The runtime is runc
+    # behind runc_shim.py, which drops capabilities the machine itself lacks (privileged
+    # containers would fail to start otherwise).
+    shim = sd.root / "runc_shim.py"
+    shutil.copy2(Path(__file__).with_name("runc_shim.py"), shim)
+    shim.chmod(0o755)
+    daemon = {"runtimes": {"testbed-runc": {"path": str(shim)}}, "default-runtime": "testbed-runc"}
+    (hdir / "daemon.json").write_text(json.dumps(daemon, indent=2) + "\n")
     (hdir / "node.sh").write_text(node_script(sd, host))
 
 
@@ -180,6 +190,9 @@ mount --bind {h}/run /run
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 {binds}
+# As on a systemd host, mounts are shared (within this namespace only: it was made private
+# first), so the kubelet's `:shared` and `:rslave` binds work.
+mount --make-rshared /
 {dockerd} >>{h}/dockerd.log 2>&1 &
 /usr/sbin/sshd -D -e -f {h}/sshd_config >>{h}/sshd.log 2>&1 &
 wait

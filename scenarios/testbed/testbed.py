@@ -47,7 +47,7 @@ REQUIRED_COMMANDS = {
     "etcdctl": "etcd-client", "/usr/bin/busybox": "busybox-static", "ip": "iproute2",
     "iptables": "iptables", "nsenter": "util-linux", "unshare": "util-linux",
     "/usr/bin/python3.11": "python3.11", "tar": "tar", "ldd": "libc-bin", "useradd": "passwd",
-    images.HTPASSWD: "apache2-utils",
+    images.HTPASSWD: "apache2-utils", "/usr/bin/openssl": "openssl",
 }
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
