@@ -81,7 +81,7 @@ def _node_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
         return [], done.get(state, [])
     if action == "uncordon":
         return [], ["uncordon"] if state in ("upgraded", "draining") else []
-    if action in ("drain-out", "delete-node", "forget-node"):
+    if action in ("drain-out", "delete-node", "clean-node", "forget-node"):
         # etcd-leave is not here: it also serves a node that only drops its etcd role.
         return (["remove"] if state not in ("removing", "removed") else []), []
     return [], []
@@ -364,6 +364,13 @@ class Executor:
                 kube.drain(step.node, self._drain_options(plan))
         elif action == "delete-node":
             self.backend.kube().delete_node(step.node)
+        elif action == "clean-node":
+            host = self.backend.host(ref)
+            for container in host.containers().values():
+                # rkel's own (spec-hash label) and what a replacement set aside
+                if container.spec_hash or container.name.startswith(effects.OLD_PREFIX):
+                    host.remove_container(container.name)
+            host.remove_paths(list((step.detail or {}).get("paths", [])))
         elif action == "forget-node":
             self.backend.host(ref).remove_paths(["/etc/kubernetes/ssl", "/var/lib/etcd"])
         else:  # pragma: no cover - the planner only emits the actions above

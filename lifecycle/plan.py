@@ -30,6 +30,13 @@ from lifecycle.spec import (
 )
 
 PHASES = ("certs", "etcd", "controlplane", "workers", "removals")
+# What a removed node keeps of rkel's: nothing. Paths on the node (under prefix_path), as RKE's
+# `remove` cleans them, plus /opt/rke (snapshots on the node) and the kubelet's root.
+NODE_PATHS = ("/etc/kubernetes", "/var/lib/etcd", "/opt/rke", "/var/lib/cni", "/etc/cni",
+              "/opt/cni", "/var/run/calico", "/var/lib/calico", "/var/lib/kubelet")
+# The order containers stop in when a node goes: workloads' side first, etcd last.
+STOP_ORDER = ("kube-proxy", "kubelet", "nginx-proxy", "kube-scheduler", "kube-controller-manager",
+              "kube-apiserver", "service-sidekick", "etcd")
 NEW_NODE_STATES = ("absent", "certs")
 
 
@@ -347,11 +354,7 @@ def _removal_groups(desired: Desired, current: Current, windows: dict[str, int])
                 steps.append(Step(f"{name}:etcd:leave", name, "etcd-leave", "etcd"))
             steps.append(Step(f"{name}:drain-out", name, "drain-out"))
             steps.append(Step(f"{name}:delete-node", name, "delete-node"))
-            steps += [
-                Step(f"{name}:{s.name}:remove", name, "remove-service", s.name, old_image=s.image)
-                for s in cur.services
-            ]
-            steps.append(Step(f"{name}:forget", name, "forget-node"))
+            steps += _teardown_steps(cur.name, cur, NODE_PATHS)
             if cur.service("etcd"):
                 group = "etcd"
             else:
@@ -488,6 +491,46 @@ def diff(current: Current, desired: Desired) -> Plan:
             "timeout": desired.strategy.drain_timeout,
         },
         summary=summary,
+    )
+
+
+def _stop_rank(name: str) -> tuple[int, str]:
+    return (STOP_ORDER.index(name) if name in STOP_ORDER else -1, name)
+
+
+def _teardown_steps(name: str, cur: CurrentNode | None, paths: tuple[str, ...]) -> list[Step]:
+    """Stop and remove every container rkel runs on the node, clean its files, forget it."""
+    services = sorted(cur.services if cur else (), key=lambda s: _stop_rank(s.name))
+    steps = [Step(f"{name}:{s.name}:remove", name, "remove-service", s.name, old_image=s.image)
+             for s in services]
+    steps.append(Step(f"{name}:clean", name, "clean-node", detail={"paths": list(paths)}))
+    steps.append(Step(f"{name}:forget", name, "forget-node"))
+    return steps
+
+
+def teardown(current: Current, nodes: tuple[NodeRef, ...], cluster_name: str,
+             paths: tuple[str, ...] = NODE_PATHS) -> Plan:
+    """`rkel remove`: every node the store or cluster.yml knows, all at once, emptied.
+
+    Kubernetes is not asked anything (it goes away with its control plane); etcd members are
+    not removed one by one (the whole cluster goes, quorum does not matter any more)."""
+    refs = {n.name: _ref(n) for n in current.nodes}
+    refs.update({n.name: n for n in nodes})
+    units = tuple(
+        Unit(name, "remove", tuple(_teardown_steps(name, current.node(name), paths)))
+        for name in sorted(refs)
+    )
+    groups = (Group("removals", f"remove the cluster: {len(units)} node(s), all at once",
+                    max(1, len(units)), units),) if units else ()
+    return Plan(
+        groups=groups,
+        nodes=tuple(refs[k] for k in sorted(refs)),
+        state_fingerprint=current.fingerprint,
+        desired_fingerprint="",
+        cluster_name=cluster_name,
+        summary={"add": 0, "change": 0, "remove": sum(
+            1 for u in units for s in u.steps if s.action == "remove-service"),
+            "nodes_added": 0, "nodes_removed": len(units)},
     )
 
 

@@ -21,6 +21,7 @@ from lifecycle.desired import compile_desired
 from lifecycle.errors import (
     LockHeldError,
     ResumeRequiredError,
+    RkelError,
     StalePlanError,
     StateError,
 )
@@ -34,8 +35,17 @@ from lifecycle.executor import (
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
-from lifecycle.plan import Current, CurrentNode, CurrentService, Plan, diff, restrict
-from lifecycle.spec import Desired
+from lifecycle.plan import (
+    NODE_PATHS,
+    Current,
+    CurrentNode,
+    CurrentService,
+    Plan,
+    diff,
+    restrict,
+    teardown,
+)
+from lifecycle.spec import Desired, canonical_json
 from store import LockHeld, SetMeta, Store, StoreError, default_state_path
 
 CRASH_ENV = "RKEL_CRASH_AFTER_JOURNAL_WRITES"  # test-only: SIGKILL self after the Nth journal write
@@ -150,6 +160,7 @@ def apply_plan(
     observer: Observer | None = None,
     desired: Desired | None = None,
     notices: list[str] | None = None,
+    kind: str = "apply",
 ) -> RunResult:
     """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
     when the run ends, whatever the outcome."""
@@ -173,7 +184,7 @@ def apply_plan(
                     "was interrupted; continue it with `rkel apply --resume`"
                 )
             check_fresh(plan, store)
-            run_id = store.start_run("apply", plan.to_dict(), plan.state_fingerprint, command)
+            run_id = store.start_run(kind, plan.to_dict(), plan.state_fingerprint, command)
         store.set_lock_run(run_id)
         executor = Executor(store, backend, certs, workers=workers, observer=observer)
         result = executor.run(run_id, plan)
@@ -185,9 +196,68 @@ def apply_plan(
                     SetMeta("desired_fingerprint", desired.fingerprint),
                 ]
             )
+        if kind != "remove":
+            note = save_state_copy(store, backend)
+            if note and notices is not None:
+                notices.append(note)
         return result
     finally:
         store.release_lock()
+
+
+# ---------------------------------------------------------------------------- state copy
+STATE_SECRET = "rkel-cluster-state"  # in kube-system, like RKE's full-cluster-state
+
+
+def state_document(store: Store) -> dict[str, str]:
+    """What the kube-system copy of the state holds: nodes, services, meta, the last run and the
+    certificates' public parts. Never a private key (they stay encrypted in the store only)."""
+    services: dict[str, list[dict[str, object]]] = {}
+    for s in store.services():
+        services.setdefault(s.node, []).append(
+            {"name": s.name, "state": s.state, "image": s.image or "", "spec_hash": s.spec_hash or ""})
+    nodes = [
+        {"name": n.name, "address": n.address, "internal_address": n.internal_address,
+         "roles": list(n.roles), "state": n.state, "services": services.get(n.name, [])}
+        for n in store.nodes()
+    ]
+    runs = store.runs()
+    last = runs[-1] if runs else None
+    doc = {
+        "meta": {k: v for k, v in store.meta().items()},
+        "nodes": nodes,
+        "last_run": {"id": last.id, "kind": last.kind, "status": last.status,
+                     "started_at": last.started_at} if last else None,
+        "certificates": [
+            {"name": c.name, "certificate": c.cert_pem, "expires_at": c.expires_at,
+             "sans": list(c.sans)}
+            for c in store.certificates()
+        ],
+    }
+    return {"state.json": canonical_json(doc)}
+
+
+def save_state_copy(store: Store, backend: Backend) -> str | None:
+    """Save the state copy in kube-system when a control plane runs; a notice if it could not
+    be saved (the run itself succeeded: the store is the record, the copy is for recovery)."""
+    if not any(s.name == "kube-apiserver" and s.state == "running" for s in store.services()):
+        return None
+    try:
+        backend.kube().save_state_secret(STATE_SECRET, "kube-system", state_document(store))
+    except RkelError as exc:
+        return f"could not save the state copy in kube-system/{STATE_SECRET}: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------------------- remove
+def teardown_plan(config: ClusterConfig, store: Store) -> Plan:
+    """`rkel remove`'s plan: every node of the store and of cluster.yml emptied and forgotten."""
+    from lifecycle.hosts.ssh import node_ref
+
+    prefix = config.prefix_path.rstrip("/")
+    paths = tuple(f"{prefix}{p}" for p in NODE_PATHS)
+    return teardown(current_state(store), tuple(node_ref(n) for n in config.nodes),
+                    config.cluster_name, paths)
 
 
 # ---------------------------------------------------------------------------- rehearsal

@@ -31,8 +31,8 @@ class HealthCheck:
     url: str
     client_cert: str = ""  # certificate name (e.g. "kube-admin") to present, "" for none
     expect: str = ""
-    retries: int = 10
-    interval: float = 5.0
+    retries: int = 25
+    interval: float = 2.0
 
 
 @dataclass(frozen=True)

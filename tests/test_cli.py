@@ -151,6 +151,24 @@ def test_upgrade_shows_old_and_new_images(cluster: Path) -> None:
     assert "0 to add" in plan.stdout and "0 to remove" in plan.stdout
 
 
+def test_remove_empties_every_node_and_can_be_run_again(cluster: Path) -> None:
+    assert rkel("-c", str(cluster), "apply", "--backend", "simulated", "--yes").returncode == 0
+    refused = rkel("-c", str(cluster), "remove", "--backend", "simulated")
+    assert refused.returncode != 0 and "not on a terminal" in refused.stderr  # asks first
+    removed = rkel("-c", str(cluster), "remove", "--backend", "simulated", "--force")
+    assert removed.returncode == 0, removed.stderr
+    assert "Remove complete" in removed.stdout
+    world = json.loads(cluster.with_name("cluster.rkel.world.json").read_text())
+    assert all(not h["containers"] and not h["files"] for h in world["hosts"].values())
+    status = json.loads(rkel("-c", str(cluster), "-o", "json", "status").stdout)
+    assert status["nodes"] == [] and status["services"] == []
+    history = rkel("-c", str(cluster), "history").stdout
+    assert "remove" in history
+    again = rkel("-c", str(cluster), "remove", "--backend", "simulated", "--force")
+    assert again.returncode == 0, again.stderr  # idempotent
+    assert "Plan: 17 to add" in rkel("-c", str(cluster), "plan").stdout  # a cluster can come back
+
+
 # ---------------------------------------------------------------------------- kill -9 and resume
 def test_kill_9_then_resume_converges(cluster: Path) -> None:
     crashed = rkel("-c", str(cluster), "apply", "--backend", "simulated", "--yes",

@@ -24,6 +24,7 @@ from lifecycle.desired import compile_desired
 from lifecycle.errors import PlanError
 from lifecycle.plan import (
     PHASES,
+    STOP_ORDER,
     Current,
     CurrentNode,
     CurrentService,
@@ -490,14 +491,19 @@ def test_removing_a_worker_drains_deletes_and_forgets_it(sim: SimCluster) -> Non
     assert unit.kind == "remove"
     was_running = current.node("n3").services  # type: ignore[union-attr]
     assert was_running
+    # containers go workloads' side first, etcd-facing last; then the node's files
+    stop_order = sorted(was_running, key=lambda s: STOP_ORDER.index(s.name))
     assert [(s.action, s.service) for s in unit.steps] == [
         ("drain-out", ""),
         ("delete-node", ""),
-        *[("remove-service", s.name) for s in was_running],
+        *[("remove-service", s.name) for s in stop_order],
+        ("clean-node", ""),
         ("forget-node", ""),
     ]
     assert [s.old_image for s in unit.steps if s.action == "remove-service"] == [
-        s.image for s in was_running]
+        s.image for s in stop_order]
+    clean = next(s for s in unit.steps if s.action == "clean-node")
+    assert "/etc/kubernetes" in clean.detail["paths"] and "/var/lib/etcd" in clean.detail["paths"]
     assert [g.phase for g in plan.groups] == ["removals"]
     assert plan.summary["nodes_removed"] == 1
     assert plan.summary["remove"] == len(was_running)

@@ -24,6 +24,7 @@ from lifecycle.errors import ConfigError, RkelError
 from lifecycle.executor import DEFAULT_WORKERS
 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
+from lifecycle.pki import admin_kubeconfig_path
 from lifecycle.plan import Plan
 
 app = typer.Typer(
@@ -230,7 +231,6 @@ def apply(
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
     command = " ".join(["rkel", *sys.argv[1:]])
-    say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
     try:
         with g.store() as store:
             planned = None if resume else runner.make_plan(g.config, store, tuple(only or ()))
@@ -250,63 +250,128 @@ def apply(
                 return
             if the_plan is not None and not yes:
                 _confirm(g, the_plan)
-            unfinished = store.unfinished_run()
-            groups = the_plan.groups if the_plan else (
-                Plan.from_dict(unfinished.plan).groups if unfinished else ())
-            progress = render.Progress(total_groups=len(groups)) if g.output is Output.text else None
             desired = planned.desired if planned is not None and planfile is None else None
-            notices: list[str] = []
-            if backend is BackendKind.simulated:
-                be: Any = SimWorld.load(_world_path(g)).backend()
-                certs: Any = SimulatedCerts()
-                session = None
-            else:
-                config = planned.loaded.config if planned else load_config(g.config).config
-                session = runner.real_session(store, config, desired,
-                                              trust_new_hosts=trust_new_hosts, notice=say)
-                if session.generated:
-                    say(f"generated {len(session.generated)} certificate(s): "
-                        + ", ".join(session.generated))
-                be, certs = session.backend, session.pki
-            try:
-                result = runner.apply_plan(
-                    store, be, the_plan or Plan((), (), "", ""), certs, command=command,
-                    resume=resume, workers=workers, observer=progress, notices=notices,
-                    desired=desired,
-                )
-            finally:
-                be.close()
-            connections = dict(sorted(getattr(be, "connections", {}).items()))
-            for n in notices:
-                say(n)
-            kubeconfig = None
-            if session is not None and desired is not None and (not only or "controlplane" in only):
-                kubeconfig = runner.write_kubeconfig(session.pki, desired, g.config)
+            config = planned.loaded.config if planned else None
+            ran = _execute(g, store, the_plan, config, desired, backend=backend, resume=resume,
+                           workers=workers, trust_new_hosts=trust_new_hosts, command=command)
+            if ran.session is not None and desired is not None and (not only or "controlplane" in only):
+                ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
     except RkelError as exc:
         raise _fail(g, exc) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: the run is journaled; continue it with `rkel apply --resume`", err=True)
         raise typer.Exit(130) from None
-    text = (f"Apply complete: run {result.run_id}, {result.steps_done} step(s) done"
+    _emit_run(g, "Apply", ran)
+
+
+@dataclass
+class _Ran:
+    result: runner.RunResult
+    connections: dict[str, int]
+    session: runner.RealSession | None
+    kubeconfig: Path | None = None
+
+
+def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired: Any, *,
+             backend: BackendKind, resume: bool, workers: int, trust_new_hosts: bool,
+             command: str, kind: str = "apply") -> _Ran:
+    """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
+    progress on a terminal and notices on stderr."""
+    say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
+    unfinished = store.unfinished_run()
+    groups = the_plan.groups if the_plan else (
+        Plan.from_dict(unfinished.plan).groups if unfinished else ())
+    progress = render.Progress(total_groups=len(groups)) if g.output is Output.text else None
+    notices: list[str] = []
+    session = None
+    if backend is BackendKind.simulated:
+        be: Any = SimWorld.load(_world_path(g)).backend()
+        certs: Any = SimulatedCerts()
+    else:
+        config = config or load_config(g.config).config
+        session = runner.real_session(store, config, desired,
+                                      trust_new_hosts=trust_new_hosts, notice=say)
+        if session.generated:
+            say(f"generated {len(session.generated)} certificate(s): " + ", ".join(session.generated))
+        be, certs = session.backend, session.pki
+    try:
+        result = runner.apply_plan(
+            store, be, the_plan or Plan((), (), "", ""), certs, command=command,
+            resume=resume, workers=workers, observer=progress, notices=notices,
+            desired=desired, kind=kind,
+        )
+    finally:
+        be.close()
+    for n in notices:
+        say(n)
+    return _Ran(result, dict(sorted(getattr(be, "connections", {}).items())), session)
+
+
+def _emit_run(g: Globals, what: str, ran: _Ran) -> None:
+    result = ran.result
+    text = (f"{what} complete: run {result.run_id}, {result.steps_done} step(s) done"
             + (f", {result.steps_skipped} already done before" if result.steps_skipped else "") + ".")
-    if connections:
-        counts = sorted(set(connections.values()))
-        text += (f"\nSSH connections: {len(connections)} host(s), "
+    if ran.connections:
+        counts = sorted(set(ran.connections.values()))
+        text += (f"\nSSH connections: {len(ran.connections)} host(s), "
                  f"{'/'.join(map(str, counts))} per host.")
-    if kubeconfig is not None:
-        text += f"\nAdmin kubeconfig: {kubeconfig}"
+    if ran.kubeconfig is not None:
+        text += f"\nAdmin kubeconfig: {ran.kubeconfig}"
     _emit(g, text, {"run": result.run_id, "steps_done": result.steps_done,
-                    "steps_skipped": result.steps_skipped, "connections": connections,
-                    "kubeconfig": str(kubeconfig) if kubeconfig else None})
+                    "steps_skipped": result.steps_skipped, "connections": ran.connections,
+                    "kubeconfig": str(ran.kubeconfig) if ran.kubeconfig else None})
 
 
-def _confirm(g: Globals, plan: Plan) -> None:
+def _confirm(g: Globals, plan: Plan, question: str = "Apply these changes?") -> None:
     if g.output is Output.text:
         typer.echo(render.plan_text(plan))
     if not sys.stdin.isatty():
         raise RkelError("not on a terminal: add --yes to apply without confirmation")
-    if not typer.confirm("Apply these changes?"):
+    if not typer.confirm(question):
         raise typer.Exit(1)
+
+
+@app.command()
+def remove(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Do not ask for confirmation.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted remove.")] = False,
+    backend: Annotated[
+        BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
+    ] = BackendKind.ssh,
+    workers: Annotated[
+        int, typer.Option(min=1, max=1024, help="Most hosts worked on at once.")
+    ] = DEFAULT_WORKERS,
+) -> None:
+    """Tear the cluster down: every rkel container, etcd data and cluster file on every node.
+
+    Journaled and resumable like every run. The state file keeps the journal and the
+    certificates (a cluster made again with `rkel apply` keeps its CA); the admin kubeconfig
+    file is deleted."""
+    g = _g(ctx)
+    command = " ".join(["rkel", *sys.argv[1:]])
+    try:
+        loaded = load_config(g.config)
+        with g.store() as store:
+            the_plan = None if resume else runner.teardown_plan(loaded.config, store)
+            if the_plan is not None and the_plan.empty:
+                _emit(g, "Nothing to remove: no node is known.", {"changed": False})
+                return
+            if the_plan is not None and not force:
+                typer.echo("This removes the cluster: every rkel container, etcd's data, the "
+                           "certificates and files on the nodes and the etcd snapshots kept on "
+                           "them (/opt/rke).", err=True)
+                _confirm(g, the_plan, "Remove the cluster?")
+            ran = _execute(g, store, the_plan, loaded.config, None, backend=backend,
+                           resume=resume, workers=workers, trust_new_hosts=True,
+                           command=command, kind="remove")
+            admin_kubeconfig_path(g.config).unlink(missing_ok=True)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the run is journaled; continue it with `rkel remove --resume`", err=True)
+        raise typer.Exit(130) from None
+    _emit_run(g, "Remove", ran)
 
 
 def _read_plan(path: Path) -> Plan:
