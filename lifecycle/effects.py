@@ -17,8 +17,9 @@ from lifecycle.spec import ServiceSpec
 Sleep = Callable[[float], None]
 
 OLD_PREFIX = "old-"
-READY_RETRIES = 24  # Node Ready: RKE waits only 5 x 5 s, which a slow kubelet start misses
+READY_TIMEOUT = 300.0  # Node Ready: RKE waits only 5 x 5 s, which a slow kubelet start misses
 READY_INTERVAL = 5.0
+READY_RETRIES = int(READY_TIMEOUT // READY_INTERVAL)
 
 
 def old_name(name: str) -> str:
@@ -116,22 +117,24 @@ def same_version(reported: str, tag: str) -> bool:
     return reported.split("-")[0].lstrip("v") == tag.split("-")[0].lstrip("v")
 
 
-def wait_node_ready(kube: KubeAPI, name: str, sleep: Sleep, version: str = "") -> None:
-    """Wait until the Node is Ready (at `version` when given)."""
+def wait_node_ready(kube: KubeAPI, name: str, sleep: Sleep, version: str = "",
+                    timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the Node is Ready (at `version` when given), polling every READY_INTERVAL."""
     seen = "not registered"
-    for attempt in range(READY_RETRIES):
+    retries = max(1, int(timeout // READY_INTERVAL))
+    for attempt in range(retries):
         node = kube.node(name)
         if node is not None:
             seen = f"Ready={node.ready}, kubelet {node.kubelet_version or '?'}"
             if node.ready and (not version or same_version(node.kubelet_version, version)):
                 return
-        if attempt + 1 < READY_RETRIES:
+        if attempt + 1 < retries:
             sleep(READY_INTERVAL)
     raise HealthCheckError(
         name,
         f"Kubernetes node {name} not Ready{' at ' + version if version else ''} after "
-        f"{READY_RETRIES * READY_INTERVAL:g}s ({seen}); check the kubelet on the node, then "
-        "run `rkel apply` again",
+        f"{retries * READY_INTERVAL:g}s ({seen}); check the kubelet on the node, then "
+        "run `rkel apply` again (or give it longer with --node-ready-timeout)",
     )
 
 

@@ -125,7 +125,9 @@ class Executor:
         *,
         workers: int = DEFAULT_WORKERS,
         observer: Observer | None = None,
+        node_ready_timeout: float = effects.READY_TIMEOUT,
     ) -> None:
+        self.node_ready_timeout = node_ready_timeout
         self.store = store
         self.backend = backend
         self.certs = certs
@@ -348,7 +350,8 @@ class Executor:
         elif action == "drain":
             self.backend.kube().drain(step.node, self._drain_options(plan))
         elif action == "wait-ready":
-            effects.wait_node_ready(self.backend.kube(), step.node, sleep, self._kubelet_version(plan, step.node))
+            effects.wait_node_ready(self.backend.kube(), step.node, sleep,
+                                    self._kubelet_version(plan, step.node), self.node_ready_timeout)
         elif action == "uncordon":
             self.backend.kube().uncordon(step.node)
         elif action == "node-metadata":

@@ -32,6 +32,7 @@ from lifecycle.executor import (
     Observer,
     RunResult,
 )
+from lifecycle.effects import READY_TIMEOUT
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
@@ -161,6 +162,7 @@ def apply_plan(
     desired: Desired | None = None,
     notices: list[str] | None = None,
     kind: str = "apply",
+    node_ready_timeout: float = READY_TIMEOUT,
 ) -> RunResult:
     """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
     when the run ends, whatever the outcome."""
@@ -186,7 +188,8 @@ def apply_plan(
             check_fresh(plan, store)
             run_id = store.start_run(kind, plan.to_dict(), plan.state_fingerprint, command)
         store.set_lock_run(run_id)
-        executor = Executor(store, backend, certs, workers=workers, observer=observer)
+        executor = Executor(store, backend, certs, workers=workers, observer=observer,
+                            node_ready_timeout=node_ready_timeout)
         result = executor.run(run_id, plan)
         if desired is not None and not resume:
             store.apply_ops(

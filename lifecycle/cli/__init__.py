@@ -20,6 +20,7 @@ import typer
 from lifecycle import __version__, runner
 from lifecycle.cli import render
 from lifecycle.config import load_config
+from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import ConfigError, RkelError
 from lifecycle.executor import DEFAULT_WORKERS
 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
@@ -227,6 +228,9 @@ def apply(
         bool,
         typer.Option(help="Pin the SSH host key of a host seen for the first time (else refuse)."),
     ] = True,
+    node_ready_timeout: Annotated[
+        float, typer.Option(min=5, help="Seconds to wait for a node to be Ready after its kubelet starts.")
+    ] = READY_TIMEOUT,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
@@ -253,7 +257,8 @@ def apply(
             desired = planned.desired if planned is not None and planfile is None else None
             config = planned.loaded.config if planned else None
             ran = _execute(g, store, the_plan, config, desired, backend=backend, resume=resume,
-                           workers=workers, trust_new_hosts=trust_new_hosts, command=command)
+                           workers=workers, trust_new_hosts=trust_new_hosts, command=command,
+                           node_ready_timeout=node_ready_timeout)
             if ran.session is not None and desired is not None and (not only or "controlplane" in only):
                 ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
     except RkelError as exc:
@@ -274,7 +279,7 @@ class _Ran:
 
 def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired: Any, *,
              backend: BackendKind, resume: bool, workers: int, trust_new_hosts: bool,
-             command: str, kind: str = "apply") -> _Ran:
+             command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT) -> _Ran:
     """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
     progress on a terminal and notices on stderr."""
     say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
@@ -298,7 +303,7 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
         result = runner.apply_plan(
             store, be, the_plan or Plan((), (), "", ""), certs, command=command,
             resume=resume, workers=workers, observer=progress, notices=notices,
-            desired=desired, kind=kind,
+            desired=desired, kind=kind, node_ready_timeout=node_ready_timeout,
         )
     finally:
         be.close()
