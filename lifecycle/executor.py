@@ -25,7 +25,7 @@ from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
 from lifecycle.plan import Group, Plan, Step, Unit
 from lifecycle.spec import CertRequest, ServiceSpec
-from store import DeleteNode, DeleteService, Store, UpsertNode, UpsertService
+from store import DeleteNode, DeleteService, SetMeta, Store, UpsertNode, UpsertService
 
 
 class CertRenderer(Protocol):
@@ -266,7 +266,7 @@ class Executor:
             detail["image"] = step.new_image
         with self._state_lock:
             ops = self._state_ops(step, 0)
-            if self.store.node(step.node) is None:
+            if step.node and self.store.node(step.node) is None:
                 ops.insert(0, UpsertNode(step.node, {**self._node_fields(plan, step.node), "state": "absent"}))
             self.store.write_journal(run_id, step.id, "intent", detail, ops)
         self.observer.step_started(step)
@@ -295,6 +295,11 @@ class Executor:
                     **self._node_fields(plan, want.name),
                     "certs_hash": (step.detail or {}).get("certs_hash", ""),
                 }))
+            elif step.action == "apply-addon":
+                meta = step.detail or {}
+                applied = dict(self.store.get_meta("addons", {}) or {})
+                applied[meta["name"]] = meta["hash"]
+                ops.append(SetMeta("addons", applied))
             elif step.action == "node-metadata":
                 meta = step.detail or {}
                 ops.append(UpsertNode(step.node, {"labels": meta.get("labels", {}),
@@ -308,9 +313,15 @@ class Executor:
 
     # ------------------------------------------------------------------ effects
     def _effect(self, plan: Plan, step: Step) -> None:
+        action = step.action
+        if action == "apply-addon":  # cluster-wide: no node
+            detail = step.detail or {}
+            kube = self.backend.kube()
+            kube.apply_manifests(list(detail.get("docs", [])))
+            kube.wait_rollout(list(detail.get("docs", [])), float(detail.get("timeout", 300)))
+            return
         ref = plan.node_ref(step.node)
         sleep = self.backend.sleep
-        action = step.action
         if action == "deliver-certs":
             certs = [CertRequest(**{**c, "organizations": tuple(c["organizations"]), "sans": tuple(c["sans"])})
                      for c in (step.detail or {}).get("certs", [])]

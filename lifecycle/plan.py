@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lifecycle.errors import PlanError
+
+if TYPE_CHECKING:
+    from lifecycle.addons import Addon
 from lifecycle.spec import (
     Desired,
     NodeDesired,
@@ -29,7 +32,8 @@ from lifecycle.spec import (
     sha256_hex,
 )
 
-PHASES = ("certs", "etcd", "controlplane", "workers", "removals")
+PHASES = ("certs", "etcd", "controlplane", "workers", "addons", "removals")
+ADDON_TIMEOUT = 300.0  # seconds an add-on may take to roll out (RKE: a fixed 45 s Job timeout)
 # What a removed node keeps of rkel's: nothing. Paths on the node (under prefix_path), as RKE's
 # `remove` cleans them, plus /opt/rke (snapshots on the node) and the kubelet's root.
 NODE_PATHS = ("/etc/kubernetes", "/var/lib/etcd", "/opt/rke", "/var/lib/cni", "/etc/cni",
@@ -75,6 +79,7 @@ class Current:
 
     nodes: tuple[CurrentNode, ...] = ()
     unreachable: tuple[str, ...] = ()  # observed before planning; empty when not observed
+    addons: tuple[tuple[str, str], ...] = ()  # (name, hash) of each add-on last applied
 
     def node(self, name: str) -> CurrentNode | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -431,8 +436,28 @@ def _certs_group(desired: Desired, current: Current) -> list[Group]:
     return [Group("certs", f"certificates: {len(units)} node(s)", len(units), tuple(units))]
 
 
-def diff(current: Current, desired: Desired) -> Plan:
-    """Plan every step that takes the cluster from `current` to `desired`, in safe order."""
+def _addon_groups(current: Current, addons: Sequence[Addon], timeout: float) -> list[Group]:
+    """Add-ons whose objects changed (or are new), applied one after another through the API.
+    Their steps belong to no node (node ""); an add-on dropped from cluster.yml is only
+    forgotten, its objects stay (as with RKE)."""
+    applied = dict(current.addons)
+    units = []
+    for addon in addons:
+        if applied.get(addon.name) == addon.hash:
+            continue
+        detail = {"name": addon.name, "hash": addon.hash, "docs": list(addon.docs),
+                  "timeout": timeout}
+        step = Step(f"addon:{addon.name}:{addon.hash}", "", "apply-addon", detail=detail)
+        units.append(Unit(addon.name, "change" if addon.name in applied else "add", (step,)))
+    if not units:
+        return []
+    return [Group("addons", f"add-ons: {len(units)}, one after another", 1, tuple(units))]
+
+
+def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
+         addon_timeout: float = ADDON_TIMEOUT) -> Plan:
+    """Plan every step that takes the cluster from `current` to `desired` (and its add-ons),
+    in safe order."""
     _check_quorum(desired, current)
     workers = [n for n in desired.nodes if n.group == "worker"]
     cps = [n for n in desired.nodes if n.group == "controlplane"]
@@ -460,6 +485,7 @@ def diff(current: Current, desired: Desired) -> Plan:
     etcd_only = [n for n in desired.nodes if n.group == "etcd"]
     groups += _groups_for("workers", "nodes with the etcd role", units(etcd_only), 1)
     groups += _groups_for("workers", "worker nodes", units(workers), worker_window)
+    groups += _addon_groups(current, addons, addon_timeout)
     groups += _removal_groups(
         desired, current, {"worker": worker_window, "controlplane": cp_window}
     )
@@ -473,6 +499,7 @@ def diff(current: Current, desired: Desired) -> Plan:
         "remove": sum(1 for s in plan_steps if s.action == "remove-service"),
         "nodes_added": sum(1 for n in desired.nodes if _is_new(current.node(n.name))),
         "nodes_removed": sum(1 for n in current.nodes if desired.node(n.name) is None),
+        "addons": sum(1 for s in plan_steps if s.action == "apply-addon"),
     }
     return Plan(
         groups=tuple(groups),
@@ -547,6 +574,7 @@ def restrict(plan: Plan, phases: tuple[str, ...]) -> Plan:
         "add": sum(1 for s in steps if s.action == "start"),
         "change": sum(1 for s in steps if s.action == "replace"),
         "remove": sum(1 for s in steps if s.action == "remove-service"),
+        "addons": sum(1 for s in steps if s.action == "apply-addon"),
     }
     skipped = [g.phase for g in plan.groups if g.phase not in keep]
     warnings = plan.warnings + (

@@ -11,10 +11,11 @@ import shutil
 import signal
 import sqlite3
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from lifecycle.addons import compile_addons
 from lifecycle.config import LoadedConfig, load_config
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
@@ -37,6 +38,7 @@ from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
 from lifecycle.plan import (
+    ADDON_TIMEOUT,
     NODE_PATHS,
     Current,
     CurrentNode,
@@ -105,7 +107,8 @@ def current_state(store: Store) -> Current:
         )
         for n in store.nodes()
     )
-    return Current(nodes=nodes)
+    addons = store.get_meta("addons", {}) or {}
+    return Current(nodes=nodes, addons=tuple(sorted((str(k), str(v)) for k, v in addons.items())))
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,13 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
     desired = compile_desired(loaded.config)
+    notes: list[str] = []
+    addons = compile_addons(loaded.config, config.parent, source=str(config), warnings=notes)
     current = current_state(store)
-    plan = diff(current, desired)
+    timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
+    plan = diff(current, desired, addons, timeout)
+    if notes:
+        plan = replace(plan, warnings=plan.warnings + tuple(notes))
     return Planned(loaded, desired, current, restrict(plan, only) if only else plan)
 
 
@@ -199,7 +207,9 @@ def apply_plan(
                     SetMeta("desired_fingerprint", desired.fingerprint),
                 ]
             )
-        if kind != "remove":
+        if kind == "remove":
+            store.apply_ops([SetMeta("addons", {})])  # a cluster made again gets them again
+        else:
             note = save_state_copy(store, backend)
             if note and notices is not None:
                 notices.append(note)

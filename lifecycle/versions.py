@@ -32,6 +32,15 @@ IMAGE_KEYS = (
     "cert_downloader",
     "alpine",
     "kubernetes_services_sidecar",
+    # cluster add-ons (lifecycle/addons.py), named as cluster.yml's system_images keys
+    "coredns",
+    "coredns_autoscaler",
+    "flannel",
+    "flannel_cni",
+    "canal_node",
+    "canal_cni",
+    "canal_controllers",
+    "canal_flannel",
 )
 
 _VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)(?:-(.+))?$")

@@ -120,7 +120,12 @@ def test_plan_json_is_the_same_plan(cluster: Path) -> None:
     steps = [s for g in data["groups"] for u in g["units"] for s in u["steps"]]
     assert sum(1 for s in steps if s["action"] == "start") == 17  # 14 services and a service-sidekick per node
     assert data["summary"]["add"] == 17 and "Plan: 17 to add" in text.stdout
-    assert [g["phase"] for g in data["groups"]] == ["certs", "etcd", "controlplane", "workers"]
+    assert [g["phase"] for g in data["groups"]] == [
+        "certs", "etcd", "controlplane", "workers", "addons"]
+    # RKE's default add-ons, applied through the API once the nodes are up
+    addons = [u["node"] for g in data["groups"] if g["phase"] == "addons" for u in g["units"]]
+    assert addons == ["network-canal", "dns-coredns"]
+    assert "2 add-on(s) to apply" in text.stdout
 
 
 def test_saved_plan_is_refused_once_stale(cluster: Path, tmp_path: Path) -> None:

@@ -29,6 +29,11 @@ def _service_line(step: Step) -> list[str]:
     return []
 
 
+def _step_label(step: Step) -> str:
+    """Who a step is about: its node, or for a cluster-wide add-on, the add-on."""
+    return step.node or str((step.detail or {}).get("name", "cluster"))
+
+
 def _unit_lines(unit: Unit) -> list[str]:
     actions = [s.action for s in unit.steps]
     extras: list[str] = [
@@ -38,6 +43,9 @@ def _unit_lines(unit: Unit) -> list[str]:
         extras.append("drain")
     if "node-metadata" in actions:
         extras.append("labels/taints")
+    if "apply-addon" in actions:
+        docs = (unit.steps[0].detail or {}).get("docs", [])
+        extras.append(f"{len(docs)} object(s), server-side apply")
     if "deliver-certs" in actions:
         certs = (unit.steps[0].detail or {}).get("certs", [])
         extras.append(f"{len(certs)} certificate(s)")
@@ -88,6 +96,8 @@ def plan_text(plan: Plan, warnings: list[str] | None = None) -> str:
         nodes.append(f"{s['nodes_added']} node(s) joining")
     if s.get("nodes_removed"):
         nodes.append(f"{s['nodes_removed']} node(s) leaving")
+    if s.get("addons"):
+        nodes.append(f"{s['addons']} add-on(s) to apply")
     tail = f" ({', '.join(nodes)})" if nodes else ""
     out.append(
         f"Plan: {s.get('add', 0)} to add, {s.get('change', 0)} to change, "
@@ -119,11 +129,11 @@ class Progress:
     def step_started(self, step: Step) -> None:
         self._t[step.id] = time.monotonic()
         if self.tty:
-            self._say(f"    {step.node}: {step.action} {step.service}".rstrip() + " ...")
+            self._say(f"    {_step_label(step)}: {step.action} {step.service}".rstrip() + " ...")
 
     def step_finished(self, step: Step, error: str | None) -> None:
         seconds = time.monotonic() - self._t.pop(step.id, time.monotonic())
-        what = f"{step.node}: {step.action} {step.service}".rstrip()
+        what = f"{_step_label(step)}: {step.action} {step.service}".rstrip()
         status = "ok" if error is None else "FAILED"
         self._say(f"    {what} {status} ({seconds:.1f}s)")
 
