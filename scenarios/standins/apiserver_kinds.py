@@ -248,6 +248,8 @@ _COMPONENT_WRITES: dict[str, set[tuple[str, str]]] = {
         ("coordination.k8s.io", "leases"), ("", "events"), ("events.k8s.io", "events"),
         ("", "endpoints"), ("", "serviceaccounts"), ("", "secrets"), ("", "configmaps"),
         ("", "nodes"), ("", "nodes/status"), ("", "pods"), ("", "pods/status"),
+        ("apps", "replicasets"), ("apps", "replicasets/status"), ("apps", "deployments/status"),
+        ("apps", "daemonsets/status"), ("batch", "jobs/status"),
         ("authentication.k8s.io", "tokenreviews"),
         ("authorization.k8s.io", "subjectaccessreviews"),
     },
