@@ -16,8 +16,9 @@ unit one after another. Constraints live here:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.errors import PlanError
 

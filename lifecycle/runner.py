@@ -19,6 +19,7 @@ from lifecycle.addons import compile_addons
 from lifecycle.config import LoadedConfig, load_config
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
+from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import (
     LockHeldError,
     ResumeRequiredError,
@@ -33,7 +34,6 @@ from lifecycle.executor import (
     Observer,
     RunResult,
 )
-from lifecycle.effects import READY_TIMEOUT
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key

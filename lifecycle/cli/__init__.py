@@ -68,6 +68,14 @@ ONLY = Annotated[
 ]
 
 
+BACKEND = Annotated[
+    BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
+]
+WORKERS = Annotated[
+    int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
+]
+
+
 @dataclass
 class Globals:
     config: Path
@@ -217,12 +225,8 @@ def apply(
     simulate: Annotated[
         bool, typer.Option(help="Rehearse on a simulated copy; change nothing.")
     ] = False,
-    backend: Annotated[
-        BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
-    ] = BackendKind.ssh,
-    workers: Annotated[
-        int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
-    ] = DEFAULT_WORKERS,
+    backend: BACKEND = BackendKind.ssh,
+    workers: WORKERS = DEFAULT_WORKERS,
     only: ONLY = None,
     trust_new_hosts: Annotated[
         bool,
@@ -282,7 +286,7 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
              command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT) -> _Ran:
     """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
     progress on a terminal and notices on stderr."""
-    say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
+    say = lambda text: typer.echo(f"notice: {text}", err=True)
     unfinished = store.unfinished_run()
     groups = the_plan.groups if the_plan else (
         Plan.from_dict(unfinished.plan).groups if unfinished else ())
@@ -341,12 +345,8 @@ def remove(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option("--force", help="Do not ask for confirmation.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted remove.")] = False,
-    backend: Annotated[
-        BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
-    ] = BackendKind.ssh,
-    workers: Annotated[
-        int, typer.Option(min=1, max=1024, help="Most hosts worked on at once.")
-    ] = DEFAULT_WORKERS,
+    backend: BACKEND = BackendKind.ssh,
+    workers: WORKERS = DEFAULT_WORKERS,
 ) -> None:
     """Tear the cluster down: every rkel container, etcd data and cluster file on every node.
 

@@ -24,44 +24,24 @@ from typing import Any
 
 import docker
 import pytest
-from ruamel.yaml import YAML
 
-from tests.e2e.test_etcd_plane import ADDRESSES, rkel
+from tests.e2e.test_etcd_plane import Story, rkel
 
 pytestmark = pytest.mark.e2e
 
-yaml = YAML(typ="safe")
 HOSTS = ("rkn1", "rkn2", "rkn3")
 ALL_ROLES = ["controlplane", "etcd", "worker"]
 KUBECTL = "/usr/bin/kubectl"
 NODE_DIRS = ("etc-kubernetes", "var-lib-etcd", "opt-rke", "var-lib-kubelet")
 
 
-class Cluster:
+class Cluster(Story):
     """One workdir (cluster.yml, state, admin kubeconfig) and the testbed hosts it runs on."""
-
-    def __init__(self, workdir: Path, testbed: Any) -> None:
-        self.workdir = workdir
-        self.testbed = testbed
-        base = yaml.load(testbed.cluster_yml.read_text())
-        self.base = {k: base[k] for k in ("system_images", "private_registries") if k in base}
-        self.key = str(testbed.key)
-        self.timings: dict[str, float] = {}
-
-    def write(self, roles: dict[str, list[str]], **extra: Any) -> None:
-        nodes = [
-            {"address": ADDRESSES[h], "hostname_override": h, "user": "rkel", "role": r,
-             "ssh_key_path": self.key}
-            for h, r in roles.items()
-        ]
-        data = {"cluster_name": "e2e", "nodes": nodes, **self.base, **extra}
-        with (self.workdir / "cluster.yml").open("w") as fh:
-            yaml.dump(data, fh)
 
     def rkel(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return rkel(self.workdir, *args, timeout=timeout)
 
-    def apply(self, label: str) -> dict[str, Any]:
+    def apply(self, label: str) -> dict[str, Any]:  # type: ignore[override]
         started = time.monotonic()
         result = self.rkel("-o", "json", "apply", "--yes")
         self.timings[label] = time.monotonic() - started
@@ -74,7 +54,8 @@ class Cluster:
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
         result = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), *args],
-                                input=stdin, capture_output=True, text=True, timeout=60)
+                                input=stdin, capture_output=True, text=True, timeout=60,
+                                check=False)
         assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
         return result.stdout
 
@@ -208,6 +189,19 @@ def test_kubectl_shows_every_node_ready_with_its_roles(cluster: Cluster) -> None
         assert not node["spec"].get("taints")  # worker role: RKE adds no role taint
     table = cluster.kubectl("get", "nodes")
     assert table.count(" Ready ") == 3 and "controlplane,etcd,worker" in table
+
+
+def test_the_default_addons_rolled_out(cluster: Cluster) -> None:
+    # canal (RKE's default network plugin) on every node, CoreDNS on the cluster DNS address
+    canal = cluster.kube_json("get", "daemonset", "-n", "kube-system", "canal")
+    assert canal["status"]["numberAvailable"] == 3
+    assert canal["status"]["desiredNumberScheduled"] == 3
+    coredns = cluster.kube_json("get", "deployment", "-n", "kube-system", "coredns")
+    assert coredns["status"]["availableReplicas"] >= 1
+    dns = cluster.kube_json("get", "service", "-n", "kube-system", "kube-dns")
+    assert dns["spec"]["clusterIP"] == "10.43.0.10"
+    pods = cluster.kube_json("get", "pods", "-n", "kube-system", "-l", "k8s-app=canal")["items"]
+    assert sorted(p["spec"]["nodeName"] for p in pods) == list(HOSTS)
 
 
 def test_a_copy_of_the_state_is_kept_in_kube_system_without_keys(cluster: Cluster) -> None:

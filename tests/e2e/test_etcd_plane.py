@@ -54,11 +54,14 @@ class Story:
         self.key = str(testbed.key)
         self.timings: dict[str, float] = {}
 
-    def write(self, hosts: list[str], **extra: Any) -> None:
+    def write(self, hosts: list[str] | dict[str, list[str]], **extra: Any) -> None:
+        """cluster.yml for `hosts`: a list (every role on each) or host -> roles."""
+        roles = hosts if isinstance(hosts, dict) else {
+            h: ["controlplane", "etcd", "worker"] for h in hosts}
         nodes = [
             {"address": ADDRESSES[h], "hostname_override": h, "user": "rkel",
-             "role": ["controlplane", "etcd", "worker"], "ssh_key_path": self.key}
-            for h in hosts
+             "role": r, "ssh_key_path": self.key}
+            for h, r in roles.items()
         ]
         data = {"cluster_name": "e2e", "nodes": nodes, **self.base, **extra}
         with (self.workdir / "cluster.yml").open("w") as fh:
