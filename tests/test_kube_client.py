@@ -321,6 +321,10 @@ def workloads() -> list[dict[str, Any]]:
 
 
 def set_status(api: ApiServer, path: str, status: dict[str, Any]) -> None:
+    """What the workload's controller would write: it has seen the current generation."""
+    code, obj = api.call("GET", path)
+    assert code == 200, obj
+    status = {"observedGeneration": obj["metadata"]["generation"], **status}
     code, body = api.call("PATCH", f"{path}/status", body={"status": status},
                           content_type="application/merge-patch+json")
     assert code == 200, body
@@ -337,7 +341,7 @@ def test_rollout_wait_times_out_naming_what_is_not_ready(api: ApiServer) -> None
     text = str(late.value)
     assert "not rolled out after 6s" in text
     assert "DaemonSet/kube-system/agent: 3/3 updated, 1/3 available" in text
-    assert "Deployment/default/web: 0/2 updated, 0/2 available" in text
+    assert "Deployment/default/web: generation 1 not observed yet" in text  # no controller
     assert "web-config" not in text  # a ConfigMap is ready once it exists
     assert clock.now == 6.0  # it polled every 2 s on the injected clock
 

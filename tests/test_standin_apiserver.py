@@ -434,7 +434,7 @@ def test_server_side_apply_stores_the_manifest_as_is(api: ApiServer, etcd: Etcd)
                              content_type="application/apply-patch+yaml")
     assert code == 201, applied
     stored = etcd.value("/registry/example.com/widgets/default/w1")
-    extra = {"uid", "creationTimestamp"}
+    extra = {"uid", "creationTimestamp", "generation"}
     assert {k: v for k, v in stored.items() if k != "metadata"} == {
         k: v for k, v in manifest.items() if k != "metadata"}
     assert {k: v for k, v in stored["metadata"].items() if k not in extra} == manifest["metadata"]
@@ -443,6 +443,103 @@ def test_server_side_apply_stores_the_manifest_as_is(api: ApiServer, etcd: Etcd)
                                content_type="application/apply-patch+yaml")
     assert code == 200 and reapplied["spec"] == {"size": 4}
     assert reapplied["metadata"]["uid"] == applied["metadata"]["uid"]
+
+
+MERGE = "application/merge-patch+json"
+APPLY = "application/apply-patch+yaml"
+
+
+def _generation(obj: Any) -> Any:
+    return obj["metadata"].get("generation")
+
+
+def test_generation_is_set_on_create_and_bumped_by_spec_changes_only(api: ApiServer,
+                                                                     etcd: Etcd) -> None:
+    base = "/apis/apps/v1/namespaces/default/deployments"
+    path = f"{base}/gen"
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "gen", "generation": 99, "labels": {"app": "gen"}},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "gen"}},
+                       "template": {"metadata": {"labels": {"app": "gen"}}, "spec": {
+                           "containers": [{"name": "c", "image": "nginx"}]}}}}
+    code, created = api.call("POST", base, deploy)
+    assert code == 201 and _generation(created) == 1, created  # the client's 99 is ignored
+    assert _generation(etcd.value("/registry/deployments/default/gen")) == 1
+    assert _generation(api.call("GET", path)[1]) == 1
+
+    code, scaled = api.call("PATCH", path, {"spec": {"replicas": 2}}, content_type=MERGE)
+    assert code == 200 and _generation(scaled) == 2 and scaled["spec"]["replicas"] == 2
+    code, same = api.call("PATCH", path, {"spec": {"replicas": 2}}, content_type=MERGE)
+    assert code == 200 and _generation(same) == 2  # no change, no bump
+    code, labelled = api.call("PATCH", path, {"metadata": {"labels": {"x": "y"}, "annotations": {
+        "a": "b"}, "generation": 99}}, content_type=MERGE)
+    assert code == 200 and _generation(labelled) == 2 and labelled["metadata"]["labels"]["x"]
+    code, status = api.call("PATCH", f"{path}/status", {"status": {
+        "observedGeneration": 2, "replicas": 2}}, content_type=MERGE)
+    assert code == 200 and _generation(status) == 2 and status["status"]["replicas"] == 2
+    code, ignored = api.call("PATCH", path, {"status": {"replicas": 7}}, content_type=MERGE)
+    assert code == 200 and _generation(ignored) == 2 and ignored["status"]["replicas"] == 2
+
+    code, image = api.call("PATCH", path, [{"op": "replace", "path": "/spec/template/spec/"
+                                            "containers/0/image", "value": "nginx:2"}],
+                           content_type="application/json-patch+json")
+    assert code == 200 and _generation(image) == 3
+    code, strategic = api.call("PATCH", path, {"spec": {"template": {"spec": {"containers": [
+        {"name": "c", "image": "nginx:3"}]}}}},
+        content_type="application/strategic-merge-patch+json")
+    assert code == 200 and _generation(strategic) == 4
+    stale = {**strategic, "spec": {**strategic["spec"], "replicas": 3}}
+    stale["metadata"] = {**strategic["metadata"], "generation": 99}
+    code, updated = api.call("PUT", path, stale)
+    assert code == 200 and _generation(updated) == 5, updated
+    code, relabelled = api.call("PUT", path, {**updated, "metadata": {
+        **updated["metadata"], "labels": {"app": "gen", "z": "1"}, "generation": 1}})
+    assert code == 200 and _generation(relabelled) == 5
+
+    manifest = {**deploy, "metadata": {"name": "gen", "namespace": "default",
+                                       "labels": {"app": "gen"}, "generation": 99}}
+    manifest["spec"] = {**deploy["spec"], "replicas": 4}
+    code, applied = api.call("PATCH", f"{path}?fieldManager=test&force=true", manifest,
+                             content_type=APPLY)
+    assert code == 200 and _generation(applied) == 6 and applied["spec"]["replicas"] == 4
+    code, again = api.call("PATCH", f"{path}?fieldManager=test&force=true", manifest,
+                           content_type=APPLY)
+    assert code == 200 and _generation(again) == 6  # the same manifest changes nothing
+    assert _generation(etcd.value("/registry/deployments/default/gen")) == 6
+    assert api.call("DELETE", path)[0] == 200
+
+
+def test_generation_of_kinds_without_spec_and_of_custom_resources(api: ApiServer) -> None:
+    base = "/api/v1/namespaces/default/configmaps"
+    code, cm = api.call("POST", base, {"metadata": {"name": "gen-cm"}, "data": {"a": "1"}})
+    assert code == 201 and _generation(cm) == 1
+    code, cm = api.call("PATCH", f"{base}/gen-cm", {"data": {"a": "2"}}, content_type=MERGE)
+    assert code == 200 and _generation(cm) == 2
+    code, cm = api.call("PATCH", f"{base}/gen-cm", {"metadata": {"labels": {"l": "1"}}},
+                        content_type=MERGE)
+    assert code == 200 and _generation(cm) == 2
+    assert api.call("DELETE", f"{base}/gen-cm")[0] == 200
+
+    path = "/apis/example.com/v1/namespaces/default/gadgets/g1"
+    gadget = {"apiVersion": "example.com/v1", "kind": "Gadget",
+              "metadata": {"name": "g1", "namespace": "default", "generation": 99},
+              "spec": {"size": 1}}
+    code, applied = api.call("PATCH", f"{path}?fieldManager=test", gadget, content_type=APPLY)
+    assert code == 201 and _generation(applied) == 1, applied  # apply that creates
+    code, applied = api.call("PATCH", f"{path}?fieldManager=test",
+                             {**gadget, "spec": {"size": 2}}, content_type=APPLY)
+    assert code == 200 and _generation(applied) == 2
+
+    # Setting deletionTimestamp (finalizers hold the object) bumps it too, as in the real one.
+    code, held = api.call("PATCH", path, {"metadata": {"finalizers": ["example.com/hold"]}},
+                          content_type=MERGE)
+    assert code == 200 and _generation(held) == 2
+    code, deleting = api.call("DELETE", path)
+    assert code == 202 and deleting["metadata"]["deletionTimestamp"]
+    assert _generation(deleting) == 3
+    assert _generation(api.call("DELETE", path)[1]) == 3  # only the first time
+    code, _ = api.call("PATCH", path, {"metadata": {"finalizers": None}}, content_type=MERGE)
+    assert code == 200 and api.call("GET", path)[0] == 404
 
 
 # --- etcd outage, bad inputs -------------------------------------------------------------------

@@ -4,9 +4,9 @@
 discovery, `/version`, health; get/list (label and field selectors, limit/continue, Tables for
 kubectl) / create / update / patch (JSON, merge, strategic merge) / server-side apply / delete /
 deletecollection on any resource path, cluster-scoped or namespaced; the `status` subresource;
-`pods/eviction` and `pods/binding`; SelfSubjectAccessReview. Authorization and NodeRestriction
-come from `apiserver_kinds`, storage from `apiserver_store`. Watches are refused (405): clients
-of the stand-in poll.
+`pods/eviction` and `pods/binding`; SelfSubjectAccessReview; `metadata.generation`.
+Authorization and NodeRestriction come from `apiserver_kinds`, storage from `apiserver_store`.
+Watches are refused (405): clients of the stand-in poll.
 
 Known simplifications: server-side apply replaces the object with the applied manifest
 (keeping uid, creationTimestamp and, if the manifest has none, status) instead of merging by
@@ -137,6 +137,22 @@ def _parse_json(req: Request) -> Any:
             raise ApiError(415, "the kube-apiserver stand-in accepts YAML bodies only when they "
                            "are JSON (which is YAML): send the manifest as JSON") from None
         raise ApiError(400, "the body of the request is not valid JSON") from None
+
+
+def _beyond_metadata(obj: Obj) -> Obj:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "apiVersion", "kind")}
+
+
+def _set_generation(t: Target, old: Obj, new: Obj) -> None:
+    """metadata.generation belongs to the server, whatever the client sent: it is 1 on create
+    and goes up by 1 when a write through the main resource changes the object beyond its
+    metadata. Status counts only where it is not a subresource: elsewhere `_carry_over` has
+    already put the old status back. That is the rule of the real custom-resource strategy.
+    Subresources (status, approval, finalize) never change it."""
+    generation = int(old["metadata"].get("generation") or 1)
+    if not t.subresource and _beyond_metadata(new) != _beyond_metadata(old):
+        generation += 1
+    _meta(new)["generation"] = generation
 
 
 def _wants(accept: str, kind: str) -> bool:
@@ -428,6 +444,7 @@ class Api:
         meta = obj["metadata"]
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now()
+        meta["generation"] = 1  # the server's: whatever the client sent is ignored
         meta.pop("resourceVersion", None)
         if res.group == "" and res.name == "pods":
             obj.setdefault("status", {}).setdefault("phase", "Pending")
@@ -469,6 +486,7 @@ class Api:
             else:
                 new.pop("status", None)
         self._defaults_on_write(t.res, new)
+        _set_generation(t, old, new)
         return new
 
     def _finish(self, t: Target, obj: Obj) -> Obj | None:
@@ -566,7 +584,10 @@ class Api:
                                    f"{pre[key]}, {field_name} in object meta: "
                                    f"{meta.get(key)}", "Conflict")
             if meta.get("finalizers"):
-                meta.setdefault("deletionTimestamp", now())
+                if not meta.get("deletionTimestamp"):
+                    meta["deletionTimestamp"] = now()
+                    if meta.get("generation"):  # as the real markAsDeleting/BeforeDelete do
+                        meta["generation"] = int(meta["generation"]) + 1
                 return current
             return None
 

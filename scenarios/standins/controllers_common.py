@@ -74,7 +74,7 @@ def uid(obj: Obj) -> str:
 
 
 def generation(obj: Obj) -> int:
-    """metadata.generation; the stand-in apiserver sets none, so 1 then."""
+    """metadata.generation; the stand-in apiserver sets it like the real one, so 1 then."""
     return int((obj.get("metadata") or {}).get("generation") or 1)
 
 
