@@ -126,8 +126,16 @@ class Executor:
         workers: int = DEFAULT_WORKERS,
         observer: Observer | None = None,
         node_ready_timeout: float = effects.READY_TIMEOUT,
+        unavailable: Mapping[str, str] | None = None,
+        budgets: Mapping[str, int] | None = None,
     ) -> None:
+        """`unavailable`: nodes found unavailable before the run (name -> why), skipped and
+        counted against their group's failure budget; `budgets`: group (worker, controlplane,
+        etcd) -> how many of its nodes may be unavailable at once (None: no budget)."""
         self.node_ready_timeout = node_ready_timeout
+        self.unavailable = dict(unavailable or {})
+        self.budgets = dict(budgets) if budgets is not None else None
+        self.skipped: dict[str, str] = {}
         self.store = store
         self.backend = backend
         self.certs = certs
@@ -148,12 +156,32 @@ class Executor:
                 failures = self._run_group(run_id, plan, group, done, result)
                 if failures:
                     raise RunFailedError(self._failure_message(group, failures), failures)
+            if self.skipped:
+                raise RunFailedError(self._skipped_message(), self.skipped)
         except RunFailedError as exc:
             self.store.finish_run(run_id, "failed", str(exc))
             raise
         result.seconds = self.backend.clock() - started
         self.store.finish_run(run_id, "done")
         return result
+
+    def _skipped_message(self) -> str:
+        lines = [f"the run is done except for {len(self.skipped)} node(s) it did not touch:"]
+        lines += [f"  {node}: {why}" for node, why in sorted(self.skipped.items())]
+        lines.append("Bring them back (or remove them from cluster.yml), then run `rkel apply` "
+                     "again: it plans what is left.")
+        return "\n".join(lines)
+
+    def _budget_group(self, plan: Plan, group: Group, unit: Unit) -> str | None:
+        """Which failure budget a unit of a node upgrade group counts against."""
+        if self.budgets is None or group.phase not in ("controlplane", "workers"):
+            return None
+        ref = next((n for n in plan.nodes if n.name == unit.node), None)
+        if ref is None:
+            return None
+        if "controlplane" in ref.roles:
+            return "controlplane"
+        return "etcd" if "etcd" in ref.roles else "worker"
 
     def _failure_message(self, group: Group, failures: dict[str, str]) -> str:
         lines = [f"{len(failures)} node(s) failed in '{group.title}'; later groups were not run:"]
@@ -175,9 +203,29 @@ class Executor:
         # unit starts (the cluster's availability depends on them); workers carry on.
         stop_on_failure = group.phase in STOP_ON_FAILURE
 
+        spent: dict[str, int] = {}
+        for name in self.unavailable:
+            ref = next((n for n in plan.nodes if n.name == name), None)
+            if ref is not None:
+                kind = ("controlplane" if "controlplane" in ref.roles
+                        else "etcd" if "etcd" in ref.roles else "worker")
+                spent[kind] = spent.get(kind, 0) + 1
+
         def work(unit: Unit) -> None:
             if stop_on_failure and failures:
                 return
+            kind = self._budget_group(plan, group, unit)
+            if unit.node in self.unavailable and kind is not None:
+                with lock:
+                    self.skipped[unit.node] = f"skipped: {self.unavailable[unit.node]}"
+                return
+            if kind is not None and self.budgets is not None:
+                with lock:
+                    if spent.get(kind, 0) >= self.budgets.get(kind, 1):
+                        self.skipped[unit.node] = (
+                            f"not started: the failure budget of {kind} nodes "
+                            f"({self.budgets.get(kind, 1)} unavailable at once) was used up")
+                        return
             t0 = self.backend.clock()
             error: str | None = None
             cordoned = False
@@ -197,6 +245,8 @@ class Executor:
                     error += self._uncordon_after_failure(run_id, unit.node)
                 with lock:
                     failures[unit.node] = error
+                    if kind is not None:
+                        spent[kind] = spent.get(kind, 0) + 1
             seconds = self.backend.clock() - t0
             with lock:
                 durations.append(seconds)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from lifecycle.addons import compile_addons
+from lifecycle.budget import Unavailable, check_version_change
+from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
@@ -123,6 +125,8 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
     desired = compile_desired(loaded.config)
+    if store.nodes():
+        check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
     addons = compile_addons(loaded.config, config.parent, source=str(config), warnings=notes)
     current = current_state(store)
@@ -171,6 +175,8 @@ def apply_plan(
     notices: list[str] | None = None,
     kind: str = "apply",
     node_ready_timeout: float = READY_TIMEOUT,
+    unavailable: dict[str, str] | None = None,
+    budgets: dict[str, int] | None = None,
 ) -> RunResult:
     """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
     when the run ends, whatever the outcome."""
@@ -197,7 +203,8 @@ def apply_plan(
             run_id = store.start_run(kind, plan.to_dict(), plan.state_fingerprint, command)
         store.set_lock_run(run_id)
         executor = Executor(store, backend, certs, workers=workers, observer=observer,
-                            node_ready_timeout=node_ready_timeout)
+                            node_ready_timeout=node_ready_timeout, unavailable=unavailable,
+                            budgets=budgets)
         result = executor.run(run_id, plan)
         if desired is not None and not resume:
             store.apply_ops(
@@ -208,7 +215,8 @@ def apply_plan(
                 ]
             )
         if kind == "remove":
-            store.apply_ops([SetMeta("addons", {})])  # a cluster made again gets them again
+            # a cluster made again gets its add-ons again, at whatever version it is given
+            store.apply_ops([SetMeta("addons", {}), SetMeta("kubernetes_version", "")])
         else:
             note = save_state_copy(store, backend)
             if note and notices is not None:
@@ -216,6 +224,14 @@ def apply_plan(
         return result
     finally:
         store.release_lock()
+
+
+# ---------------------------------------------------------------------------- preflight
+def preflight(store: Store, backend: Backend, plan: Plan, workers: int = DEFAULT_WORKERS) -> list[Unavailable]:
+    """The nodes already in Kubernetes (a kubelet ran there) that are unreachable or NotReady."""
+    in_kube = {s.node for s in store.services() if s.name == "kubelet" and s.spec_hash}
+    refs = [r for r in plan.nodes if r.name in in_kube]
+    return budget_preflight(backend, refs, workers)
 
 
 # ---------------------------------------------------------------------------- state copy

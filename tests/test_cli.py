@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lifecycle.hosts.simulated import SimWorld
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "scenarios" / "examples"
 RKE_CONFIGS = Path(
@@ -256,3 +258,87 @@ def test_every_command_has_help() -> None:
                     ["config", "validate"], ["version"]):
         result = rkel(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout, command
+
+
+# ---------------------------------------------------------------------------- version rules, budget
+FIVE_NODES = """\
+cluster_name: budget
+kubernetes_version: v1.30.5-rancher1-1
+nodes:
+  - {address: 10.0.0.1, hostname_override: cp, user: rkel, role: [controlplane, etcd]}
+  - {address: 10.0.0.2, hostname_override: w1, user: rkel, role: [worker]}
+  - {address: 10.0.0.3, hostname_override: w2, user: rkel, role: [worker]}
+  - {address: 10.0.0.4, hostname_override: w3, user: rkel, role: [worker]}
+  - {address: 10.0.0.5, hostname_override: w4, user: rkel, role: [worker]}
+upgrade_strategy: {max_unavailable_worker: WINDOW, drain: true}
+network: {plugin: none}
+dns: {provider: none}
+"""
+
+
+def five_nodes(tmp_path: Path, window: int) -> Path:
+    path = tmp_path / "cluster.yml"
+    path.write_text(FIVE_NODES.replace("WINDOW", str(window)))
+    assert rkel("-c", str(path), "apply", "--backend", "simulated", "--yes").returncode == 0
+    return path
+
+
+def test_apply_refuses_a_downgrade_and_a_skipped_minor(tmp_path: Path) -> None:
+    path = five_nodes(tmp_path, 1)
+    path.write_text(path.read_text().replace("v1.30.5", "v1.29.9"))
+    down = rkel("-c", str(path), "plan")
+    assert down.returncode == 3, down.stdout + down.stderr
+    assert "older than the cluster's v1.30.5-rancher1-1" in down.stderr
+    assert "does not downgrade" in down.stderr
+    no_traceback(down)
+    # from 1.29, 1.31 skips 1.30
+    other = tmp_path / "old"
+    other.mkdir()
+    old = other / "cluster.yml"
+    old.write_text(path.read_text())
+    assert rkel("-c", str(old), "apply", "--backend", "simulated", "--yes").returncode == 0
+    old.write_text(old.read_text().replace("v1.29.9", "v1.31.1"))
+    skip = rkel("-c", str(old), "plan")
+    assert skip.returncode == 3 and "skips a minor version" in skip.stderr
+    assert "Upgrade to a v1.30.x version first" in skip.stderr
+
+
+def world(path: Path) -> SimWorld:
+    return SimWorld.load(path.with_name("cluster.rkel.world.json"))
+
+
+def kubelet_images(path: Path) -> dict[str, str]:
+    status = json.loads(rkel("-c", str(path), "-o", "json", "status").stdout)
+    return {s["node"]: s["image"] for s in status["services"] if s["name"] == "kubelet"}
+
+
+def test_an_unavailable_worker_that_uses_up_the_budget_stops_the_upgrade_before_it_starts(
+        tmp_path: Path) -> None:
+    path = five_nodes(tmp_path, 1)
+    world(path).set_reachable("w3", False)
+    path.write_text(path.read_text().replace("v1.30.5", "v1.31.1"))
+    before = kubelet_images(path)
+    refused = rkel("-c", str(path), "apply", "--backend", "simulated", "--yes")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "1 worker node(s) are already unavailable (w3: unreachable" in refused.stderr
+    assert "max_unavailable_worker allows 1" in refused.stderr
+    assert kubelet_images(path) == before  # nothing was touched
+    assert "apply" not in rkel("-c", str(path), "history").stdout.split("apply", 1)[1]
+
+
+def test_under_budget_the_upgrade_skips_the_unavailable_worker_and_says_so(tmp_path: Path) -> None:
+    path = five_nodes(tmp_path, 2)
+    world(path).set_reachable("w3", False)
+    path.write_text(path.read_text().replace("v1.30.5", "v1.31.1"))
+    result = rkel("-c", str(path), "apply", "--backend", "simulated", "--yes")
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert "w3 (worker) is unavailable before the run: unreachable" in result.stderr
+    assert "w3: skipped: unreachable" in result.stderr
+    images = kubelet_images(path)
+    assert images.pop("w3").endswith("v1.30.5-rancher1")  # left as it was
+    assert all(i.endswith("v1.31.1-rancher1") for i in images.values()), images
+    # back again: the next apply finishes it
+    world(path).set_reachable("w3", True)
+    again = rkel("-c", str(path), "apply", "--backend", "simulated", "--yes")
+    assert again.returncode == 0, again.stderr
+    assert kubelet_images(path)["w3"].endswith("v1.31.1-rancher1")

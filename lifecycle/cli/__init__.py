@@ -20,6 +20,8 @@ import typer
 from lifecycle import __version__, runner
 from lifecycle.cli import render
 from lifecycle.config import load_config
+from lifecycle.budget import check_budget
+from lifecycle.budget import windows as budget_windows
 from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import ConfigError, RkelError
 from lifecycle.executor import DEFAULT_WORKERS
@@ -256,13 +258,13 @@ def apply(
             if the_plan is not None and the_plan.empty:
                 _emit(g, render.plan_text(the_plan), {"changed": False})
                 return
-            if the_plan is not None and not yes:
-                _confirm(g, the_plan)
             desired = planned.desired if planned is not None and planfile is None else None
             config = planned.loaded.config if planned else None
+            confirm = None if yes or the_plan is None else (lambda: _confirm(g, the_plan))
             ran = _execute(g, store, the_plan, config, desired, backend=backend, resume=resume,
                            workers=workers, trust_new_hosts=trust_new_hosts, command=command,
-                           node_ready_timeout=node_ready_timeout)
+                           node_ready_timeout=node_ready_timeout, confirm=confirm,
+                           strategy=planned.desired.strategy if planned else None)
             if ran.session is not None and desired is not None and (not only or "controlplane" in only):
                 ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
     except RkelError as exc:
@@ -283,9 +285,15 @@ class _Ran:
 
 def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired: Any, *,
              backend: BackendKind, resume: bool, workers: int, trust_new_hosts: bool,
-             command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT) -> _Ran:
+             command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT,
+             confirm: Any = None, strategy: Any = None) -> _Ran:
     """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
-    progress on a terminal and notices on stderr."""
+    progress on a terminal and notices on stderr.
+
+    With a `strategy`, the nodes already in Kubernetes are checked first (reachable, Ready):
+    the ones that are not are reported, skipped, and counted against the failure budget, and
+    the run is refused before anything changes when they use it up. `confirm` is asked after
+    that check, so the user sees its findings first."""
     say = lambda text: typer.echo(f"notice: {text}", err=True)
     unfinished = store.unfinished_run()
     groups = the_plan.groups if the_plan else (
@@ -304,10 +312,21 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
             say(f"generated {len(session.generated)} certificate(s): " + ", ".join(session.generated))
         be, certs = session.backend, session.pki
     try:
+        unavailable: dict[str, str] = {}
+        budgets = None
+        if strategy is not None and the_plan is not None and not resume:
+            found = runner.preflight(store, be, the_plan)
+            for line in check_budget(the_plan, strategy, found):
+                typer.echo(f"warning: {line}", err=True)
+            unavailable = {u.node: u.why for u in found}
+            budgets = budget_windows(the_plan, strategy)
+        if confirm is not None:
+            confirm()
         result = runner.apply_plan(
             store, be, the_plan or Plan((), (), "", ""), certs, command=command,
             resume=resume, workers=workers, observer=progress, notices=notices,
             desired=desired, kind=kind, node_ready_timeout=node_ready_timeout,
+            unavailable=unavailable, budgets=budgets,
         )
     finally:
         be.close()
@@ -366,7 +385,7 @@ def remove(
                 typer.echo("This removes the cluster: every rkel container, etcd's data, the "
                            "certificates and files on the nodes and the etcd snapshots kept on "
                            "them (/opt/rke).", err=True)
-                _confirm(g, the_plan, "Remove the cluster?")
+                _confirm(g, the_plan, "Remove the cluster?")  # before any host is reached
             ran = _execute(g, store, the_plan, loaded.config, None, backend=backend,
                            resume=resume, workers=workers, trust_new_hosts=True,
                            command=command, kind="remove")
