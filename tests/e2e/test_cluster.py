@@ -38,8 +38,9 @@ NODE_DIRS = ("etc-kubernetes", "var-lib-etcd", "opt-rke", "var-lib-kubelet")
 class Cluster(Story):
     """One workdir (cluster.yml, state, admin kubeconfig) and the testbed hosts it runs on."""
 
-    def rkel(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return rkel(self.workdir, *args, timeout=timeout)
+    def rkel(self, *args: str, timeout: float = 900,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return rkel(self.workdir, *args, timeout=timeout, env=env)
 
     def apply(self, label: str) -> dict[str, Any]:  # type: ignore[override]
         started = time.monotonic()
