@@ -318,6 +318,9 @@ def test_an_unavailable_worker_that_uses_up_the_budget_stops_the_upgrade_before_
     world(path).set_reachable("w3", False)
     path.write_text(path.read_text().replace("v1.30.5", "v1.31.1"))
     before = kubelet_images(path)
+    # `plan --check` says so first, without changing anything
+    checked = rkel("-c", str(path), "plan", "--check", "--backend", "simulated")
+    assert checked.returncode == 3 and "w3: unreachable" in checked.stderr, checked.stderr
     refused = rkel("-c", str(path), "apply", "--backend", "simulated", "--yes")
     assert refused.returncode == 3, refused.stdout + refused.stderr
     assert "1 worker node(s) are already unavailable (w3: unreachable" in refused.stderr
@@ -330,6 +333,9 @@ def test_under_budget_the_upgrade_skips_the_unavailable_worker_and_says_so(tmp_p
     path = five_nodes(tmp_path, 2)
     world(path).set_reachable("w3", False)
     path.write_text(path.read_text().replace("v1.30.5", "v1.31.1"))
+    checked = rkel("-c", str(path), "plan", "--check", "--backend", "simulated")
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: w3 (worker) is unavailable before the run: unreachable" in checked.stdout
     result = rkel("-c", str(path), "apply", "--backend", "simulated", "--yes")
     assert result.returncode == 7, result.stdout + result.stderr
     assert "w3 (worker) is unavailable before the run: unreachable" in result.stderr

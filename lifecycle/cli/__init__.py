@@ -171,6 +171,11 @@ def plan(
         bool, typer.Option(help="Also rehearse the plan on a simulated copy of the cluster.")
     ] = False,
     only: ONLY = None,
+    check: Annotated[
+        bool, typer.Option(help="Also reach the nodes already in Kubernetes: report the ones "
+                                "unreachable or NotReady and whether they use up the failure budget.")
+    ] = False,
+    backend: BACKEND = BackendKind.ssh,
 ) -> None:
     """Show what apply would change, as a diff of current vs desired."""
     g = _g(ctx)
@@ -178,6 +183,8 @@ def plan(
         with g.store() as store:
             planned = runner.make_plan(g.config, store, tuple(only or ()))
             warnings = [str(w) for w in planned.loaded.warnings]
+            if check:
+                warnings += _check_nodes(g, store, planned, backend)
             text = render.plan_text(planned.plan, warnings)
             data = render.plan_json(planned.plan, warnings)
             if simulate and not planned.plan.empty:
@@ -190,6 +197,20 @@ def plan(
         out.write_text(json.dumps(planned.plan.to_dict(), sort_keys=True, indent=1))
         text += f"\n\nSaved the plan to {out}; apply it with `rkel apply {out}`."
     _emit(g, text, data)
+
+
+def _check_nodes(g: Globals, store: Any, planned: runner.Planned, backend: BackendKind) -> list[str]:
+    """`plan --check`: the preflight apply runs, without changing anything."""
+    if backend is BackendKind.simulated:
+        be: Any = SimWorld.load(_world_path(g)).backend()
+    else:
+        be = runner.real_session(store, planned.loaded.config, None).backend
+    try:
+        found = runner.preflight(store, be, planned.plan)
+        lines = check_budget(planned.plan, planned.desired.strategy, found)
+    finally:
+        be.close()
+    return lines or ["every node already in Kubernetes is reachable and Ready"]
 
 
 def _rehearsal_text(r: runner.Rehearsal) -> str:
