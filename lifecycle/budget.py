@@ -99,7 +99,7 @@ def preflight(backend: Backend, refs: list[NodeRef], workers: int = 64) -> list[
             return Unavailable(ref.name, group_of(ref), "NotReady in Kubernetes")
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(refs)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or 64, len(refs)))) as pool:
         found = list(pool.map(check, refs))
     return sorted((u for u in found if u is not None), key=lambda u: u.node)
 

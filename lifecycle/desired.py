@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from lifecycle import desired_certs as certs
@@ -46,6 +46,7 @@ from lifecycle.spec import (
     NodeDesired,
     ServiceSpec,
     Strategy,
+    canonical_json,
     sha256_hex,
 )
 from lifecycle.versions import (  # noqa: F401  (supported_versions, version_info: re-exported)
@@ -63,6 +64,15 @@ SIDEKICK = "service-sidekick"  # carries /opt/rke-tools (entrypoint.sh) to the c
 ETCD_BOOTSTRAP_FLAGS = ("initial-cluster", "initial-cluster-state", "initial-cluster-token")
 ETCD_CLUSTER_TOKEN = "etcd-cluster-1"
 DOCKER_ROOT_DIR = "/var/lib/docker"  # RKE reads it from `docker info`; the spec stays host-free
+_CERT_FIELDS = tuple(f.name for f in fields(CertRequest))
+# The same on every node (values: shared rather than built again for each of thousands).
+_APISERVER_HEALTH = HealthCheck(
+    url="https://127.0.0.1:6443/healthz", client_cert=certs.KUBE_ADMIN, expect="ok"
+)
+_CONTROLLER_MANAGER_HEALTH = HealthCheck(url="https://127.0.0.1:10257/healthz", expect="ok")
+_SCHEDULER_HEALTH = HealthCheck(url="https://127.0.0.1:10259/healthz", expect="ok")
+_KUBELET_HEALTH = HealthCheck(url="http://127.0.0.1:10248/healthz", expect="ok")
+_KUBE_PROXY_HEALTH = HealthCheck(url="http://127.0.0.1:10256/healthz")
 
 
 def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None) -> Desired:
@@ -131,6 +141,22 @@ class _Context:
         self.cp_nodes = sorted(config.nodes_with("controlplane"), key=lambda n: n.name)
         self.rbac = config.authorization.mode == "rbac"
         self.cri_dockerd = config.enable_cri_dockerd is not False  # RKE: true from 1.24 on
+        # The same on every node: built once, shared by the nodes (values, so sharing is safe;
+        # and a diff then hashes them once).
+        self.sidekick = _sidekick(self)
+        self.nginx_proxy = _nginx_proxy(self)
+        self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
+
+    def cert(self, request: CertRequest) -> tuple[CertRequest, str]:
+        """One shared object per distinct certificate request, with its hash (each computed
+        once per compile: most requests, such as kube-ca's, are the same on every node)."""
+        hit = self._certs.get(request)
+        if hit is None:
+            # CertRequest.hash, without asdict's deep copy: its fields are strings and tuples
+            # of strings, so the JSON is the same.
+            data = {f: getattr(request, f) for f in _CERT_FIELDS}
+            hit = self._certs[request] = (request, sha256_hex(canonical_json(data))[:16])
+        return hit
 
     def _image(self, image: str) -> str:
         """Prefix the default private registry when the reference names no registry host."""
@@ -282,9 +308,7 @@ def _kube_apiserver(ctx: _Context, node: Node) -> ServiceSpec:
         api,
         args=render_args(builtin, defaults, api),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
-        health=HealthCheck(
-            url="https://127.0.0.1:6443/healthz", client_cert=certs.KUBE_ADMIN, expect="ok"
-        ),
+        health=_APISERVER_HEALTH,
     )
 
 
@@ -308,7 +332,7 @@ def _kube_controller_manager(ctx: _Context, node: Node) -> ServiceSpec:
         svc,
         args=render_args(builtin, ctx.info.component_flags("kube-controller-manager"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
-        health=HealthCheck(url="https://127.0.0.1:10257/healthz", expect="ok"),
+        health=_CONTROLLER_MANAGER_HEALTH,
     )
 
 
@@ -326,7 +350,7 @@ def _kube_scheduler(ctx: _Context, node: Node) -> ServiceSpec:
         svc,
         args=render_args(builtin, ctx.info.component_flags("kube-scheduler"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
-        health=HealthCheck(url="https://127.0.0.1:10259/healthz", expect="ok"),
+        health=_SCHEDULER_HEALTH,
     )
 
 
@@ -343,7 +367,7 @@ def _sidekick(ctx: _Context) -> ServiceSpec:
     )
 
 
-def _nginx_proxy(ctx: _Context, node: Node) -> ServiceSpec:
+def _nginx_proxy(ctx: _Context) -> ServiceSpec:
     cp_hosts = ",".join(sorted({n.internal for n in ctx.cp_nodes}))
     # A local TCP balancer on 127.0.0.1:6443; its env changes (and the container is replaced)
     # whenever the controlplane set changes. No HTTP health check: it speaks plain TCP.
@@ -425,7 +449,7 @@ def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
         binds=binds,
         privileged=True,
         pid_mode="host",
-        health=HealthCheck(url="http://127.0.0.1:10248/healthz", expect="ok"),
+        health=_KUBELET_HEALTH,
     )
 
 
@@ -448,7 +472,7 @@ def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
         ],
         privileged=True,
         pid_mode="host",
-        health=HealthCheck(url="http://127.0.0.1:10256/healthz"),
+        health=_KUBE_PROXY_HEALTH,
     )
 
 
@@ -462,7 +486,7 @@ def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
     out: list[ServiceSpec] = []
     if "etcd" in roles:
         out.append(_etcd(ctx, node))
-    out.append(_sidekick(ctx))
+    out.append(ctx.sidekick)
     if "controlplane" in roles:
         out += [
             _kube_apiserver(ctx, node),
@@ -470,7 +494,7 @@ def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
             _kube_scheduler(ctx, node),
         ]
     else:
-        out.append(_nginx_proxy(ctx, node))
+        out.append(ctx.nginx_proxy)
     out += [_kubelet(ctx, node), _kube_proxy(ctx, node)]
     return tuple(out)
 
@@ -478,14 +502,15 @@ def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
 _CERT_FILE = re.compile(r"/etc/kubernetes/ssl/(?:kubecfg-)?([A-Za-z0-9.-]+?)(?:-key)?\.(?:pem|yaml)")
 
 
-def _with_cert_label(spec: ServiceSpec, node_certs: tuple[CertRequest, ...]) -> ServiceSpec:
-    """Label a spec with the hash of the certificates it reads, so that a certificate change
-    (a new SAN, a rotation) restarts exactly the services that use it, health-gated."""
+def _with_cert_label(spec: ServiceSpec, cert_hashes: dict[str, str]) -> ServiceSpec:
+    """Label a spec with the hash of the certificates it reads (`cert_hashes`: the node's, by
+    name), so that a certificate change (a new SAN, a rotation) restarts exactly the services
+    that use it, health-gated."""
     text = " ".join(spec.args + spec.env + spec.command)
     used = set(_CERT_FILE.findall(text))
     if "kube-node" in used:  # kubecfg-kube-node.yaml points at the node's own identity
-        used |= {c.name for c in node_certs if c.name.startswith("kube-node-")}
-    hashes = sorted(f"{c.name}={c.hash}" for c in node_certs if c.name in used)
+        used |= {name for name in cert_hashes if name.startswith("kube-node-")}
+    hashes = sorted(f"{name}={cert_hashes[name]}" for name in used if name in cert_hashes)
     if not hashes:
         return spec
     label = ("io.rkel.certs", sha256_hex(",".join(hashes))[:16])
@@ -493,7 +518,9 @@ def _with_cert_label(spec: ServiceSpec, node_certs: tuple[CertRequest, ...]) -> 
 
 
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
-    node_certs = certs.node_certs(ctx.config, node)
+    shared = [ctx.cert(c) for c in certs.node_certs(ctx.config, node)]
+    node_certs = tuple(c for c, _ in shared)
+    cert_hashes = {c.name: h for c, h in shared}
     return NodeDesired(
         name=node.name,
         address=node.address,
@@ -501,7 +528,7 @@ def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
         port=node.port,
         user=node.user,
         roles=tuple(sorted(set(node.role))),
-        services=tuple(_with_cert_label(s, node_certs) for s in _services(ctx, node)),
+        services=tuple(_with_cert_label(s, cert_hashes) for s in _services(ctx, node)),
         certs=node_certs,
         labels=node_labels(node),
         taints=node_taints(node),

@@ -97,9 +97,9 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
     return [], []
 
 
-# Upper bound on hosts worked on at once. Windows (max_unavailable_*) are honoured below it;
-# it is a guard against thousands of threads, not a hidden cap on max_unavailable_worker.
-DEFAULT_WORKERS = 64
+# Hosts worked on at once: 0 means as many as each group's window (max_unavailable_*) allows,
+# so the strategy is never capped behind the user's back. `--workers N` sets a cap explicitly.
+DEFAULT_WORKERS = 0
 
 STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
 KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node", "node-metadata")
@@ -139,7 +139,8 @@ class Executor:
         self.store = store
         self.backend = backend
         self.certs = certs
-        self.workers = max(1, workers)
+        self.workers = workers if workers > 0 else None
+        self._kubelet_images: dict[str, str] | None = None
         self.observer: Observer = observer or QuietObserver()
         self._state_lock = threading.Lock()
 
@@ -149,6 +150,7 @@ class Executor:
         journal = self.store.journal(run_id)
         done = {row.step_id for row in journal if row.phase == "done"}
         result = RunResult(run_id)
+        self._kubelet_images = None
         started = self.backend.clock()
         try:
             for index, group in enumerate(plan.groups):
@@ -252,7 +254,7 @@ class Executor:
                 durations.append(seconds)
             self.observer.unit_finished(group, unit, seconds, error)
 
-        size = min(group.concurrency, self.workers, len(group.units))
+        size = min(group.concurrency, self.workers or group.concurrency, len(group.units))
         if size <= 1:
             for unit in group.units:
                 work(unit)
@@ -452,9 +454,11 @@ class Executor:
         )
 
     def _kubelet_version(self, plan: Plan, node: str) -> str:
-        for step in plan.steps:
-            if step.node == node and step.service == "kubelet" and step.spec:
-                return step.new_image.rsplit(":", 1)[-1]
+        if self._kubelet_images is None:  # once per run: every node's new kubelet image
+            self._kubelet_images = {s.node: s.new_image for s in plan.steps
+                                    if s.service == "kubelet" and s.spec}
+        if node in self._kubelet_images:
+            return self._kubelet_images[node].rsplit(":", 1)[-1]
         svc = self.store.service(node, "kubelet")
         return (svc.image or "").rsplit(":", 1)[-1] if svc else ""
 

@@ -15,9 +15,13 @@ unit one after another. Constraints live here:
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from lifecycle.errors import PlanError
@@ -25,11 +29,11 @@ from lifecycle.errors import PlanError
 if TYPE_CHECKING:
     from lifecycle.addons import Addon
 from lifecycle.spec import (
+    CertRequest,
     Desired,
     NodeDesired,
     NodeRef,
     ServiceSpec,
-    canonical_json,
     sha256_hex,
 )
 
@@ -88,7 +92,140 @@ class Current:
     @property
     def fingerprint(self) -> str:
         """Changes whenever anything the planner reads changes: what a saved plan is checked by."""
-        return sha256_hex(canonical_json(asdict(self)))[:16]
+        return sha256_hex(_canonical_values_json(self))[:16]
+
+
+# ---------------------------------------------------------------------------- plain data
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per dataclass: its field names, in order
+_ATOMS = (str, int, float, bool, type(None))
+_ATOM_TYPES = frozenset(_ATOMS)
+_STRINGS = {str}
+
+
+def as_data(value: Any) -> Any:
+    """`dataclasses.asdict`, equal in result and several times faster on plans and specs.
+
+    asdict deep-copies every leaf through a generic recursion, which at thousands of nodes is
+    most of the planner's time. Here dicts and lists are fresh, as there, while strings,
+    numbers and tuples of strings are shared: they are immutable, so the result is the same."""
+    kind = type(value)
+    if kind in _ATOM_TYPES:
+        return value
+    names = _FIELD_NAMES.get(kind)
+    if names is not None:
+        out = {}
+        for name in names:
+            item = getattr(value, name)
+            sort = type(item)
+            if sort in _ATOM_TYPES or (
+                sort is tuple and (not item or set(map(type, item)) == _STRINGS)
+            ):
+                out[name] = item
+            else:
+                out[name] = as_data(item)
+        return out
+    if kind is tuple:
+        if not value or set(map(type, value)) == _STRINGS:
+            return value
+        return tuple(as_data(v) for v in value)
+    if kind is list:
+        return [as_data(v) for v in value]
+    if kind is dict:
+        return {as_data(k): as_data(v) for k, v in value.items()}
+    if isinstance(value, _ATOMS):
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        _FIELD_NAMES[kind] = tuple(f.name for f in fields(value))
+        return as_data(value)
+    return copy.deepcopy(value)  # as asdict does with anything else (plain namedtuples too)
+
+
+# canonical_json with one encoder for all calls (json.dumps builds one per call): same text.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+
+
+def _fields_or_str(value: Any) -> Any:
+    """The encoder's fallback for `_canonical_values_json`: a dataclass as a dict of its
+    fields (the encoder then goes on into them), anything else as canonical_json does."""
+    if is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES.get(type(value))
+        if names is None:
+            names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+        return {name: getattr(value, name) for name in names}
+    return str(value)
+
+
+# canonical_json(as_data(value)), without building the whole dict tree first: the same text.
+_canonical_values_json = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), default=_fields_or_str
+).encode
+
+
+class _Lookups:
+    """What one diff looks up many times, built once per call: nodes by name (the first of a
+    name, as `Current.node` and `Desired.node` give), and the hashes `ServiceSpec.hash`,
+    `CertRequest.hash`, `NodeDesired.certs_hash` and `Desired.fingerprint`, by the same formulas
+    (tests check they agree) but from `as_data`, each computed once. Hashes are keyed by object
+    identity; the objects are kept referenced here, so an id cannot be reused meanwhile."""
+
+    def __init__(self, current: Current, desired: Desired) -> None:
+        self.current: dict[str, CurrentNode] = {}
+        for cur in current.nodes:
+            self.current.setdefault(cur.name, cur)
+        self.desired: dict[str, NodeDesired] = {}
+        for want in desired.nodes:
+            self.desired.setdefault(want.name, want)
+        self._specs: dict[int, tuple[ServiceSpec, str]] = {}
+        self._certs: dict[int, tuple[CertRequest, str]] = {}
+        self._nodes: dict[int, tuple[NodeDesired, str]] = {}
+
+    def spec(self, spec: ServiceSpec) -> str:
+        """`spec.hash`."""
+        return self.spec_and_data(spec)[0]
+
+    def spec_and_data(self, spec: ServiceSpec) -> tuple[str, dict[str, Any] | None]:
+        """`spec.hash`, and `as_data(spec)` when it had to be made for it (the caller's to keep;
+        None when the hash was known)."""
+        hit = self._specs.get(id(spec))
+        if hit is not None:
+            return hit[1], None
+        data = as_data(spec)
+        hashed = dict(data)
+        del hashed["bootstrap_args"]
+        if not hashed["volumes_from"]:
+            del hashed["volumes_from"]  # as ServiceSpec.hash: old specs hash as they did
+        digest = sha256_hex(_canonical_json(hashed))[:16]
+        self._specs[id(spec)] = (spec, digest)
+        return digest, data
+
+    def cert(self, cert: CertRequest) -> str:
+        hit = self._certs.get(id(cert))
+        if hit is None:
+            hit = self._certs[id(cert)] = (cert, sha256_hex(_canonical_json(as_data(cert)))[:16])
+        return hit[1]
+
+    def certs(self, node: NodeDesired) -> str:
+        hit = self._nodes.get(id(node))
+        if hit is None:
+            text = _canonical_json([self.cert(c) for c in node.certs])
+            hit = self._nodes[id(node)] = (node, sha256_hex(text)[:16])
+        return hit[1]
+
+    def fingerprint(self, desired: Desired) -> str:
+        data = {
+            "cluster": desired.cluster_name,
+            "version": desired.kubernetes_version,
+            "nodes": [
+                {
+                    "name": n.name,
+                    "roles": n.roles,
+                    "services": {s.name: self.spec(s) for s in n.services},
+                    "certs": self.certs(n),
+                }
+                for n in desired.nodes
+            ],
+        }
+        return sha256_hex(_canonical_json(data))[:16]
 
 
 # ---------------------------------------------------------------------------- plan values
@@ -150,17 +287,23 @@ class Plan:
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        return tuple(s for g in self.groups for u in g.units for s in u.steps)
+        return tuple(chain.from_iterable(u.steps for g in self.groups for u in g.units))
 
     @property
     def empty(self) -> bool:
         return not self.groups
 
     def node_ref(self, name: str) -> NodeRef:
-        return next(n for n in self.nodes if n.name == name)
+        # `nodes` is sorted by name (diff and teardown sort it): a binary search, with the
+        # linear one for a hand-made plan.
+        nodes = self.nodes
+        i = bisect_left(nodes, name, key=lambda n: n.name)
+        if i < len(nodes) and nodes[i].name == name:
+            return nodes[i]
+        return next(n for n in nodes if n.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return as_data(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -241,7 +384,9 @@ def _is_new(cur: CurrentNode | None) -> bool:
     return cur is None or cur.state in NEW_NODE_STATES
 
 
-def _service_steps(want: NodeDesired, cur: CurrentNode | None, names: list[str]) -> list[Step]:
+def _service_steps(
+    want: NodeDesired, cur: CurrentNode | None, names: list[str], hashes: _Lookups
+) -> list[Step]:
     """start/replace steps for the named services of one node, in the node's start order."""
     steps: list[Step] = []
     for spec in want.services:
@@ -249,17 +394,19 @@ def _service_steps(want: NodeDesired, cur: CurrentNode | None, names: list[str])
             continue
         have = cur.service(spec.name) if cur else None
         base = f"{want.name}:{spec.name}"
+        spec_hash, data = hashes.spec_and_data(spec)  # hashed here: the fingerprint needs it
         if have is None or have.state in ("absent", "certs") or not have.spec_hash:
-            steps.append(Step(f"{base}:start", want.name, "start", spec.name, spec.to_dict()))
-        elif have.spec_hash != spec.hash or have.state != "running":
+            steps.append(Step(f"{base}:start", want.name, "start", spec.name,
+                              data or as_data(spec)))
+        elif have.spec_hash != spec_hash or have.state != "running":
             old, new = set(have.args), set(spec.args)
             steps.append(
                 Step(
-                    f"{base}:replace:{spec.hash}",
+                    f"{base}:replace:{spec_hash}",
                     want.name,
                     "replace",
                     spec.name,
-                    spec.to_dict(),
+                    data or as_data(spec),
                     old_image=have.image,
                     old_hash=have.spec_hash,
                     args_removed=tuple(sorted(old - new)) if have.args else (),
@@ -281,10 +428,11 @@ def _dropped_services(want: NodeDesired, cur: CurrentNode | None, keep_etcd: boo
 
 
 def _node_unit(
-    want: NodeDesired, cur: CurrentNode | None, services: list[str], drain: bool
+    want: NodeDesired, cur: CurrentNode | None, services: list[str], drain: bool,
+    hashes: _Lookups,
 ) -> Unit | None:
     """The unit that brings `services` of a node to desired, cordoning an existing node first."""
-    steps = _service_steps(want, cur, services) + [
+    steps = _service_steps(want, cur, services, hashes) + [
         s for s in _dropped_services(want, cur, keep_etcd=True) if s.service != "etcd"
     ]
     new = _is_new(cur)
@@ -328,13 +476,13 @@ def _groups_for(
     return out
 
 
-def _etcd_groups(desired: Desired, current: Current) -> list[Group]:
+def _etcd_groups(desired: Desired, look: _Lookups) -> list[Group]:
     units: list[Unit] = []
     # Existing members first, so a new member joins a cluster already at the desired version.
-    order = sorted(desired.etcd_nodes, key=lambda n: (_is_new(current.node(n.name)), n.name))
+    order = sorted(desired.etcd_nodes, key=lambda n: (_is_new(look.current.get(n.name)), n.name))
     for want in order:
-        cur = current.node(want.name)
-        steps = _service_steps(want, cur, ["etcd"])
+        cur = look.current.get(want.name)
+        steps = _service_steps(want, cur, ["etcd"], look)
         if not steps:
             continue
         kind = "change"
@@ -347,12 +495,14 @@ def _etcd_groups(desired: Desired, current: Current) -> list[Group]:
     return [Group("etcd", f"etcd members: {len(units)}, one at a time", 1, tuple(units))]
 
 
-def _removal_groups(desired: Desired, current: Current, windows: dict[str, int]) -> list[Group]:
+def _removal_groups(
+    desired: Desired, current: Current, windows: dict[str, int], look: _Lookups
+) -> list[Group]:
     """Nodes leaving (and etcd roles dropped): etcd members one at a time, others by their
     group's window, since a node being removed is drained first."""
     by_group: dict[str, list[Unit]] = {"etcd": [], "controlplane": [], "worker": []}
     for cur in current.nodes:
-        want = desired.node(cur.name)
+        want = look.desired.get(cur.name)
         name = cur.name
         if want is None:
             steps: list[Step] = []
@@ -372,7 +522,7 @@ def _removal_groups(desired: Desired, current: Current, windows: dict[str, int])
                 Step(f"{name}:etcd:remove", name, "remove-service", "etcd", old_image=""),
             ]
             by_group["etcd"].append(Unit(name, "change", tuple(steps)))
-    order = {name: i for i, name in enumerate(_leaving_order(desired, current))}
+    order = {name: i for i, name in enumerate(_leaving_order(current, look))}
     by_group["etcd"].sort(key=lambda u: order.get(u.node, len(order)))
     groups = []
     titles = {"etcd": "etcd members to remove", "controlplane": "controlplane nodes to remove",
@@ -388,23 +538,25 @@ def _removal_groups(desired: Desired, current: Current, windows: dict[str, int])
     return groups
 
 
-def _leaving_order(desired: Desired, current: Current) -> list[str]:
+def _leaving_order(current: Current, look: _Lookups) -> list[str]:
     """etcd members that leave, unreachable ones first (their leaving costs no healthy vote)."""
     members = [n.name for n in current.nodes if n.service("etcd") and n.state != "absent"]
-    leaving = [m for m in members if (want := desired.node(m)) is None or not want.has("etcd")]
+    leaving = [m for m in members
+               if (want := look.desired.get(m)) is None or not want.has("etcd")]
     return sorted(leaving, key=lambda m: (m not in current.unreachable, m))
 
 
-def _check_quorum(desired: Desired, current: Current) -> None:
+def _check_quorum(desired: Desired, current: Current, look: _Lookups) -> None:
     """Refuse a plan whose etcd removals would, at any point, leave no healthy quorum.
 
     A member can only be removed through a cluster that has quorum, and what remains after
     each removal must still have it."""
     members = [n.name for n in current.nodes if n.service("etcd") and n.state != "absent"]
-    members += [n.name for n in desired.etcd_nodes if n.name not in members]
+    known = set(members)
+    members += [n.name for n in desired.etcd_nodes if n.name not in known]
     unhealthy = set(current.unreachable) & set(members)
     size, healthy = len(members), len(members) - len(unhealthy)
-    for name in _leaving_order(desired, current):
+    for name in _leaving_order(current, look):
         if healthy < quorum(size):
             raise PlanError(
                 f"etcd has {healthy} healthy member(s) of {size}, below quorum ({quorum(size)}): "
@@ -420,16 +572,17 @@ def _check_quorum(desired: Desired, current: Current) -> None:
             )
 
 
-def _certs_group(desired: Desired, current: Current) -> list[Group]:
+def _certs_group(desired: Desired, look: _Lookups) -> list[Group]:
     units = []
     for want in desired.nodes:
-        cur = current.node(want.name)
-        if cur is None or cur.certs_hash != want.certs_hash or cur.state in ("absent", "failed"):
+        cur = look.current.get(want.name)
+        certs_hash = look.certs(want)
+        if cur is None or cur.certs_hash != certs_hash or cur.state in ("absent", "failed"):
             step = Step(
-                f"{want.name}:certs:{want.certs_hash}",
+                f"{want.name}:certs:{certs_hash}",
                 want.name,
                 "deliver-certs",
-                detail={"certs": [asdict(c) for c in want.certs], "certs_hash": want.certs_hash},
+                detail={"certs": [as_data(c) for c in want.certs], "certs_hash": certs_hash},
             )
             units.append(Unit(want.name, "add" if _is_new(cur) else "change", (step,)))
     if not units:
@@ -459,7 +612,8 @@ def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
          addon_timeout: float = ADDON_TIMEOUT) -> Plan:
     """Plan every step that takes the cluster from `current` to `desired` (and its add-ons),
     in safe order."""
-    _check_quorum(desired, current)
+    look = _Lookups(current, desired)
+    _check_quorum(desired, current, look)
     workers = [n for n in desired.nodes if n.group == "worker"]
     cps = [n for n in desired.nodes if n.group == "controlplane"]
     worker_window = resolve_max_unavailable(
@@ -474,21 +628,21 @@ def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
         out = []
         for want in nodes:
             names = [s.name for s in want.services if s.name != "etcd"]
-            unit = _node_unit(want, current.node(want.name), names, drain)
+            unit = _node_unit(want, look.current.get(want.name), names, drain, look)
             if unit is not None:
                 out.append(unit)
         return out
 
     groups: list[Group] = []
-    groups += _certs_group(desired, current)
-    groups += _etcd_groups(desired, current)
+    groups += _certs_group(desired, look)
+    groups += _etcd_groups(desired, look)
     groups += _groups_for("controlplane", "controlplane nodes", units(cps), cp_window)
     etcd_only = [n for n in desired.nodes if n.group == "etcd"]
     groups += _groups_for("workers", "nodes with the etcd role", units(etcd_only), 1)
     groups += _groups_for("workers", "worker nodes", units(workers), worker_window)
     groups += _addon_groups(current, addons, addon_timeout)
     groups += _removal_groups(
-        desired, current, {"worker": worker_window, "controlplane": cp_window}
+        desired, current, {"worker": worker_window, "controlplane": cp_window}, look
     )
 
     refs = {n.name: _ref(n) for n in current.nodes}
@@ -498,15 +652,15 @@ def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
         "add": sum(1 for s in plan_steps if s.action == "start"),
         "change": sum(1 for s in plan_steps if s.action == "replace"),
         "remove": sum(1 for s in plan_steps if s.action == "remove-service"),
-        "nodes_added": sum(1 for n in desired.nodes if _is_new(current.node(n.name))),
-        "nodes_removed": sum(1 for n in current.nodes if desired.node(n.name) is None),
+        "nodes_added": sum(1 for n in desired.nodes if _is_new(look.current.get(n.name))),
+        "nodes_removed": sum(1 for n in current.nodes if n.name not in look.desired),
         "addons": sum(1 for s in plan_steps if s.action == "apply-addon"),
     }
     return Plan(
         groups=tuple(groups),
         nodes=tuple(refs[k] for k in sorted(refs)),
         state_fingerprint=current.fingerprint,
-        desired_fingerprint=desired.fingerprint,
+        desired_fingerprint=look.fingerprint(desired),
         cluster_name=desired.cluster_name,
         kubernetes_version=desired.kubernetes_version,
         etcd_members=tuple(_ref(n) for n in desired.etcd_nodes),
@@ -544,8 +698,11 @@ def teardown(current: Current, nodes: tuple[NodeRef, ...], cluster_name: str,
     not removed one by one (the whole cluster goes, quorum does not matter any more)."""
     refs = {n.name: _ref(n) for n in current.nodes}
     refs.update({n.name: n for n in nodes})
+    known: dict[str, CurrentNode] = {}
+    for cur in current.nodes:
+        known.setdefault(cur.name, cur)
     units = tuple(
-        Unit(name, "remove", tuple(_teardown_steps(name, current.node(name), paths)))
+        Unit(name, "remove", tuple(_teardown_steps(name, known.get(name), paths)))
         for name in sorted(refs)
     )
     groups = (Group("removals", f"remove the cluster: {len(units)} node(s), all at once",

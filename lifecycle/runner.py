@@ -17,6 +17,7 @@ from typing import Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
+from lifecycle.snapshots import recurring_snapshot_warning
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config
 from lifecycle.config.model import ClusterConfig
@@ -129,6 +130,9 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
     addons = compile_addons(loaded.config, config.parent, source=str(config), warnings=notes)
+    recurring = recurring_snapshot_warning(loaded.config)
+    if recurring:
+        notes.append(recurring)
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
     plan = diff(current, desired, addons, timeout)

@@ -19,6 +19,7 @@ import typer
 
 from lifecycle import __version__, runner
 from lifecycle.cli import render
+from lifecycle.cli.snapshot import snapshot_app
 from lifecycle.config import load_config
 from lifecycle.budget import check_budget
 from lifecycle.budget import windows as budget_windows
@@ -48,6 +49,7 @@ hosts_app = typer.Typer(help="SSH host keys pinned in the state.", no_args_is_he
 app.add_typer(hosts_app, name="hosts")
 state_app = typer.Typer(help="The state database.", no_args_is_help=True)
 app.add_typer(state_app, name="state")
+app.add_typer(snapshot_app, name="snapshot")
 
 
 class Output(str, Enum):
@@ -74,7 +76,8 @@ BACKEND = Annotated[
     BackendKind, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
 ]
 WORKERS = Annotated[
-    int, typer.Option(min=1, max=1024, help="Most hosts worked on at once (windows below it).")
+    int, typer.Option(min=0, max=100000,
+                      help="Most hosts worked on at once; 0 (default): as many as each window allows.")
 ]
 
 

@@ -9,7 +9,7 @@ drive both. Methods observe or change one thing and raise `HostError` subclasses
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import BinaryIO, Mapping, Protocol, Sequence
 
 from lifecycle.spec import NodeRef, ServiceSpec
 
@@ -86,6 +86,25 @@ class Host(Protocol):
 
     def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
         """Run `cmd` in a running container: (exit code, stdout followed by stderr)."""
+        ...
+
+    def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
+                 host_network: bool = False, env: Sequence[str] = (),
+                 timeout: float = 600.0) -> tuple[int, str]:
+        """Run a short-lived container from `image` to completion and remove it:
+        (exit code, stdout followed by stderr). No secret in `command` or `env`."""
+        ...
+
+    def file_sha256(self, path: str) -> str | None:
+        """The sha256 (hex) of a file on the node, computed there; None when it is missing."""
+        ...
+
+    def fetch_file(self, path: str, out: BinaryIO) -> int:
+        """Stream a file of the node into `out`; the number of bytes written."""
+        ...
+
+    def put_file(self, path: str, src: BinaryIO, size: int) -> None:
+        """Write `size` bytes streamed from `src` to `path` on the node, root-owned, mode 0600."""
         ...
 
     def close(self) -> None: ...

@@ -26,7 +26,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn, Protocol
+from typing import Any, BinaryIO, NoReturn, Protocol
 
 import docker
 import paramiko
@@ -51,6 +51,8 @@ STOP_TIMEOUT = 10  # seconds Docker waits after SIGTERM before SIGKILL
 HELPER_LABEL = "io.rkel.helper"
 DEFAULT_HELPER_IMAGE = "rancher/rke-tools:v0.1.102"
 _MAX_RESPONSE = 1 << 20
+CHUNK = 1 << 20  # bytes per read when streaming big files
+ONCE_TIMEOUT = 600.0  # seconds a one-shot container may run
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
@@ -398,6 +400,82 @@ class SSHHost:
         if status != 0:
             raise HostError(self.name, f"removing {', '.join(clean)} failed ({logs or status})")
 
+    # ------------------------------------------------------------------ one-shot containers, big files
+    def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
+                 host_network: bool = False, env: Sequence[str] = (),
+                 timeout: float = ONCE_TIMEOUT) -> tuple[int, str]:
+        """Run a short-lived container to completion, then remove it: (exit code, output).
+
+        The command and env must hold no secret (they show in `docker inspect`): pass paths of
+        files already on the node instead."""
+        self.ensure_image(image)
+        name = f"rkel-helper-once-{secrets.token_hex(4)}"
+        with self._docker(f"creating container {name} from {image}"):
+            self.api.create_container(
+                image, command=list(command), entrypoint=[], name=name,
+                environment=list(env) or None, labels={HELPER_LABEL: "1"},
+                host_config=self.api.create_host_config(
+                    binds=list(binds) or None, network_mode="host" if host_network else "none"),
+            )
+        try:
+            with self._docker(f"running {command[0] if command else '?'} in {name}"):
+                self.api.start(name)
+                status = self.api.wait(name, timeout=timeout).get("StatusCode", -1)
+                out = self.api.logs(name, stdout=True, stderr=True).decode(errors="replace")
+        finally:
+            self.remove_container(name)
+        return int(status), out
+
+    def file_sha256(self, path: str) -> str | None:
+        """The sha256 of a node file, computed on the node; None when there is no such file."""
+        clean = _absolute(self.name, path)
+        script = 'if [ -f "$1" ]; then sha256sum "$1" | cut -d" " -f1; else echo missing; fi'
+        inside = f"/rkel/0/{posixpath.basename(clean)}"
+        code, out = self.run_once(self.helper_image, ["sh", "-c", script, "sha", inside],
+                                  binds=[f"{posixpath.dirname(clean)}:/rkel/0:ro"])
+        words = out.split()
+        if code == 0 and words == ["missing"]:
+            return None
+        if code == 0 and len(words) == 1 and len(words[0]) == 64:
+            return words[0].lower()
+        raise HostError(self.name, f"computing the sha256 of {clean} failed"
+                        f" ({' '.join(words)[:200] or f'exit status {code}'})")
+
+    def fetch_file(self, path: str, out: BinaryIO) -> int:
+        """Stream one node file into `out` (Docker `get_archive`, never whole in memory)."""
+        clean = _absolute(self.name, path)
+        helper = self._create_helper("get", [f"{posixpath.dirname(clean)}:/rkel/0:ro"], ["true"])
+        try:
+            with self._docker(f"reading {clean}"):
+                stream, stat = self.api.get_archive(helper, f"/rkel/0/{posixpath.basename(clean)}",
+                                                    chunk_size=CHUNK)
+                if not stat or int(stat.get("mode", 0)) & (1 << 31):  # os.ModeDir in Go
+                    raise HostError(self.name, f"{clean} is not a regular file")
+                with tarfile.open(fileobj=_IterReader(stream), mode="r|") as tar:
+                    member = tar.next()
+                    source = tar.extractfile(member) if member is not None else None
+                    if member is None or source is None:
+                        raise HostError(self.name, f"{clean} is not a regular file")
+                    size = 0
+                    while chunk := source.read(CHUNK):
+                        out.write(chunk)
+                        size += len(chunk)
+        finally:
+            self.remove_container(helper)
+        return size
+
+    def put_file(self, path: str, src: BinaryIO, size: int) -> None:
+        """Write one (large) file root-owned 0600, streamed from `src` as a tar by `put_archive`."""
+        clean = _absolute(self.name, path)
+        helper = self._create_helper("put", [f"{posixpath.dirname(clean)}:/rkel/0"], ["true"])
+        try:
+            with self._docker(f"writing {clean}"):
+                if not self.api.put_archive(helper, "/rkel/0",
+                                            _tar_stream(posixpath.basename(clean), src, size)):
+                    raise HostError(self.name, f"writing {clean} was refused")
+        finally:
+            self.remove_container(helper)
+
     def _create_helper(self, purpose: str, binds: list[str], command: list[str]) -> str:
         image = self.helper_image
         self.ensure_image(image)
@@ -494,6 +572,46 @@ def _tar(entries: list[tuple[str, bytes]]) -> bytes:
             info.mtime = int(time.time())
             tar.addfile(info, io.BytesIO(content))
     return buf.getvalue()
+
+
+class _IterReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (what `get_archive` streams)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buf))
+        target[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _tar_stream(name: str, src: BinaryIO, size: int) -> Iterator[bytes]:
+    """A tar of one root-owned 0600 file read from `src`, produced chunk by chunk."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.uid, info.gid = size, 0o600, 0, 0
+    info.uname = info.gname = "root"
+    info.mtime = int(time.time())
+    yield info.tobuf(format=tarfile.PAX_FORMAT)
+    left = size
+    while left > 0:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise OSError(f"{name}: the file ended {left} bytes early")
+        left -= len(chunk)
+        yield chunk
+    pad = (-size) % tarfile.BLOCKSIZE
+    yield b"\0" * pad + b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 def _load_cert_chain(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:

@@ -11,14 +11,17 @@ were unschedulable at once, how often each container was created.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import posixpath
 import random
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 from lifecycle.errors import HostError, HostUnreachableError
 from lifecycle.hosts import Container, DrainOptions, EtcdMember, KubeNode
@@ -58,6 +61,9 @@ class Latency:
     kube_write: float = 0.1  # one API write (label, Secret, one applied manifest)
     rollout: float = 20.0  # from applying a workload until its pods are all available
     etcd: float = 0.3
+    # Seconds from a kubelet's (re)creation until its Node reports Ready, spent by the first
+    # look at the Node after it (the wait-ready step); 0: Ready at once, as before.
+    node_ready: float = 0.0
     jitter: float = 0.0  # +- fraction, drawn from a seeded generator
     seed: int = 0
 
@@ -111,6 +117,8 @@ class SimHost:
     ops: int = 0
     fail_ops: list[int] = field(default_factory=list)  # op numbers that fail
     never_healthy: list[str] = field(default_factory=list)  # services whose probe never passes
+    # Files with content (etcd snapshots and their copies): path -> base64; also in `files`.
+    blobs: dict[str, str] = field(default_factory=dict)
 
 
 class SimWorld:
@@ -130,6 +138,13 @@ class SimWorld:
         self.quorum_violations: list[str] = []
         self.max_unschedulable: dict[str, int] = {}
         self.connections: Counter[str] = Counter()
+        # Hosts whose kubelet was recreated and whose Node was not seen Ready since
+        # (Latency.node_ready); not persisted: a new process finds the Nodes Ready.
+        self.turning_ready: set[str] = set()
+        # The Nodes of kube_nodes that are not schedulable, kept up to date by set_schedulable
+        # so that a cordon need not scan every Node; recomputed by `backend()` and `from_dict`
+        # (after kube_nodes was filled in directly).
+        self._cordoned: dict[str, None] = {}
         self._lock = threading.RLock()
         self._local = threading.local()
         self._rng = random.Random(self.latency.seed)
@@ -200,11 +215,13 @@ class SimWorld:
             return "controlplane"
         return "etcd" if "etcd" in roles else "worker"
 
+    def _recount_cordoned(self) -> None:
+        with self._lock:
+            self._cordoned = {name: None for name, node in self.kube_nodes.items()
+                              if not node["schedulable"]}
+
     def _check_schedulable(self) -> None:
-        counts: Counter[str] = Counter()
-        for name, node in self.kube_nodes.items():
-            if not node["schedulable"]:
-                counts[self._group(name)] += 1
+        counts = Counter(self._group(name) for name in self._cordoned)
         for group, count in counts.items():
             self.max_unschedulable[group] = max(self.max_unschedulable.get(group, 0), count)
 
@@ -265,6 +282,8 @@ class SimWorld:
                     host, {"schedulable": True, "version": "",
                            **_registration(host, [*spec.args, *extra_args])})
                 node["version"] = spec.image.rsplit(":", 1)[-1]
+                if self.latency.node_ready > 0:
+                    self.turning_ready.add(host)
             self._save()
 
     def set_running(self, host: str, name: str, running: bool) -> None:
@@ -320,7 +339,47 @@ class SimWorld:
             for path in paths:
                 for known in [p for p in h.files if p == path or p.startswith(path + "/")]:
                     del h.files[known]
+                    h.blobs.pop(known, None)
             self._save()
+
+    # ------------------------------------------------------------------ one-shot containers, files
+    def run_once(self, host: str, image: str, command: Sequence[str], binds: Sequence[str],
+                 host_network: bool) -> tuple[int, str]:
+        """A one-shot container: only etcdctl's `snapshot save|status` is modelled."""
+        self._op(host, self.latency.run_container)
+        with self._lock:
+            return _sim_etcdctl(self, host, image, list(command), list(binds), host_network)
+
+    def file_sha256(self, host: str, path: str) -> str | None:
+        h = self._op(host, self.latency.inspect)
+        with self._lock:
+            return h.files.get(path)
+
+    def fetch_file(self, host: str, path: str, out: BinaryIO) -> int:
+        h = self._op(host, self.latency.put_files)
+        with self._lock:
+            if path not in h.blobs:
+                raise HostError(host, f"reading {path}: no such file")
+            data = base64.b64decode(h.blobs[path])
+        out.write(data)
+        return len(data)
+
+    def put_file(self, host: str, path: str, src: BinaryIO, size: int) -> None:
+        data = src.read(size)
+        self.write_blob(host, path, data, self.latency.put_files)
+
+    def write_blob(self, host: str, path: str, data: bytes, seconds: float = 0.0) -> None:
+        """Put a file with content on a host (also what tests use to tamper with one)."""
+        h = self._op(host, seconds)
+        with self._lock:
+            h.blobs[path] = base64.b64encode(data).decode()
+            h.files[path] = hashlib.sha256(data).hexdigest()
+            self._save()
+
+    def read_blob(self, host: str, path: str) -> bytes | None:
+        with self._lock:
+            blob = self._host(host).blobs.get(path)
+        return None if blob is None else base64.b64decode(blob)
 
     # ------------------------------------------------------------------ kubernetes
     def kube_node(self, name: str) -> KubeNode | None:
@@ -335,7 +394,13 @@ class SimWorld:
                 h and h.reachable and kubelet and kubelet.running
                 and "kubelet" not in h.never_healthy
             )
-            return KubeNode(name, ready, node["schedulable"], node["version"])
+            turning = ready and name in self.turning_ready
+            if turning:
+                self.turning_ready.discard(name)
+            result = KubeNode(name, ready, node["schedulable"], node["version"])
+        if turning:
+            self._spend(self.latency.node_ready)  # the wait until the kubelet reports Ready
+        return result
 
     def set_schedulable(self, name: str, schedulable: bool) -> None:
         self._spend(self.latency.cordon)
@@ -344,6 +409,10 @@ class SimWorld:
             if node is None:
                 return  # never registered: nothing to cordon
             node["schedulable"] = schedulable
+            if schedulable:
+                self._cordoned.pop(name, None)
+            else:
+                self._cordoned[name] = None
             self._check_schedulable()
             self._save()
 
@@ -354,6 +423,7 @@ class SimWorld:
         self._spend(self.latency.delete_node)
         with self._lock:
             self.kube_nodes.pop(name, None)
+            self._cordoned.pop(name, None)
             self._save()
 
     def sync_node_metadata(self, name: str, labels: dict[str, str],
@@ -563,6 +633,7 @@ class SimWorld:
         world.creations = Counter(data.get("creations", {}))
         world.quorum_violations = list(data.get("quorum_violations", []))
         world.max_unschedulable = dict(data.get("max_unschedulable", {}))
+        world._recount_cordoned()
         return world
 
     @classmethod
@@ -573,7 +644,71 @@ class SimWorld:
         return cls(path=path)
 
     def backend(self) -> SimBackend:
+        self._recount_cordoned()  # kube_nodes may have been filled in directly
         return SimBackend(self)
+
+
+SIM_SNAPSHOT_MAGIC = b"rkel-simulated-etcd-snapshot\n"
+
+
+def _bound(binds: list[str], inside: str, write: bool) -> str | None:
+    """The host path a container path maps to through `binds` (None: not bound, or read-only
+    for a write)."""
+    for bind in binds:
+        host_dir, _, rest = bind.partition(":")
+        target, _, mode = rest.partition(":")
+        if inside == target or inside.startswith(target.rstrip("/") + "/"):
+            if write and "ro" in mode.split(","):
+                return None
+            return host_dir.rstrip("/") + inside[len(target.rstrip("/")):]
+    return None
+
+
+def _sim_etcdctl(world: SimWorld, host: str, image: str, cmd: list[str], binds: list[str],
+                 host_network: bool) -> tuple[int, str]:
+    """`etcdctl [--flag=value...] snapshot save|status FILE` as the real one behaves, with
+    its arguments checked: certificate files on the node, bound paths, a running member."""
+    if not image or not cmd or posixpath.basename(cmd[0]) != "etcdctl":
+        return 127, f"{cmd[:1]}: not simulated (only etcdctl snapshot save|status is)"
+    flags = dict(a[2:].partition("=")[::2] for a in cmd[1:] if a.startswith("--"))
+    words = [a for a in cmd[1:] if not a.startswith("-")]
+    if words[:1] != ["snapshot"] or len(words) < 3 or words[1] not in ("save", "status"):
+        return 1, f"Error: unknown command {' '.join(words)!r} (simulated)"
+    h = world._host(host)
+    path = _bound(binds, words[2], write=words[1] == "save")
+    if path is None:
+        return 1, f"Error: open {words[2]}: no such file or directory (not bound writable)"
+    if words[1] == "status":
+        data = world.read_blob(host, path)
+        if data is None:
+            return 1, f"Error: stat {words[2]}: no such file or directory"
+        body, _, digest = data.removeprefix(SIM_SNAPSHOT_MAGIC).rpartition(b"\n")
+        if not data.startswith(SIM_SNAPSHOT_MAGIC) or \
+                hashlib.sha256(body).hexdigest().encode() != digest:
+            return 1, "Error: snapshot file integrity check failed (simulated)"
+        info = json.loads(body)
+        return 0, json.dumps({"hash": int(digest[:8], 16), "revision": info["revision"],
+                              "totalKey": len(info["members"]), "totalSize": len(data)})
+    for flag in ("cert", "key", "cacert", "endpoints"):
+        if not flags.get(flag):
+            return 1, f"Error: --{flag} is required (simulated: no anonymous client)"
+    for flag in ("cert", "cacert"):
+        on_host = _bound(binds, flags[flag], write=False)
+        if on_host is None or on_host not in h.files:
+            return 1, f"Error: open {flags[flag]}: no such file or directory"
+    if not host_network:
+        return 1, f"Error: dial tcp {flags['endpoints']}: connect: network is unreachable"
+    if not world._etcd_running(f"etcd-{host}"):
+        return 1, f"Error: context deadline exceeded (no etcd member answers on {host})"
+    world._etcd_reachable()
+    revision = 1 + sum(len(other.blobs) for other in world.hosts.values())
+    body = json.dumps({"host": host, "members": sorted(world.etcd), "at": world.clock(),
+                       "revision": revision}, sort_keys=True).encode()
+    data = SIM_SNAPSHOT_MAGIC + body + b"\n" + hashlib.sha256(body).hexdigest().encode()
+    h.blobs[path] = base64.b64encode(data).decode()
+    h.files[path] = hashlib.sha256(data).hexdigest()
+    world._save()
+    return 0, f"Snapshot saved at {words[2]}"
 
 
 def _registration(host: str, args: list[str]) -> dict[str, Any]:
@@ -630,6 +765,20 @@ class SimHostHandle:
 
     def remove_paths(self, paths: Sequence[str]) -> None:
         self.world.remove_paths(self.name, paths)
+
+    def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
+                 host_network: bool = False, env: Sequence[str] = (),
+                 timeout: float = 600.0) -> tuple[int, str]:
+        return self.world.run_once(self.name, image, command, binds, host_network)
+
+    def file_sha256(self, path: str) -> str | None:
+        return self.world.file_sha256(self.name, path)
+
+    def fetch_file(self, path: str, out: BinaryIO) -> int:
+        return self.world.fetch_file(self.name, path, out)
+
+    def put_file(self, path: str, src: BinaryIO, size: int) -> None:
+        self.world.put_file(self.name, path, src, size)
 
     def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
         """Simulated containers run nothing: succeed (empty output) if the container runs."""

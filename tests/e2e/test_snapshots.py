@@ -1,0 +1,156 @@
+"""etcd snapshots on the real testbed: save, list, verify (and catch a corrupted copy), prune.
+
+One story on hosts rkn1..rkn3 (10.77.0.11-13), as the non-root docker-group user `rkel`: a
+3-member etcd plane (`rkel apply --only etcd`), keys written over TLS, then `rkel snapshot save`.
+The file must be on every node's /opt/rke/etcd-snapshots (read through the testbed's host dirs)
+and locally, byte-identical, and readable by the machine's own etcdctl; one flipped byte on one
+node makes verify fail naming that node; prune removes the older one everywhere and keeps the
+newest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_etcd_plane import ADDRESSES, Story, rkel
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = ("rkn1", "rkn2", "rkn3")
+
+
+def node_copy(story: Story, host: str, name: str) -> Path:
+    """The snapshot file as the host sees it at /opt/rke/etcd-snapshots (a testbed bind dir)."""
+    return story.testbed.state_dir / f"n{host[-1]}" / "opt-rke" / "etcd-snapshots" / name
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def story(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    testbed.ensure(("4",))
+    s = Story(tmp_path_factory.mktemp("snapshots"), testbed)
+    s.write(list(HOSTS))
+    try:
+        yield s
+    finally:
+        removed = rkel(s.workdir, "remove", "--force")
+        assert removed.returncode == 0, removed.stderr
+
+
+def snap(story: Story, *args: str) -> subprocess.CompletedProcess[str]:
+    return rkel(story.workdir, *args)
+
+
+def test_save_puts_identical_copies_on_every_etcd_node_and_here(story: Story) -> None:
+    up = story.apply()
+    assert up.returncode == 0, up.stderr
+    files = story.client_files(story.state, "kube-apiserver-etcd-client")
+    for i in range(20):
+        story.etcdctl(ADDRESSES["rkn1"], files, "put", f"/e2e/snap/{i}", f"value-{i}")
+    started = time.monotonic()
+    saved = snap(story, "-o", "json", "snapshot", "save", "--name", "e2e-first")
+    story.timings["save"] = time.monotonic() - started
+    assert saved.returncode == 0, saved.stderr
+    info = json.loads(saved.stdout)
+    assert info["nodes"] == list(HOSTS)
+    local = Path(info["local"])
+    assert local == story.workdir / "cluster.snapshots" / "e2e-first"
+    assert stat.S_IMODE(local.stat().st_mode) == 0o600
+    assert stat.S_IMODE(local.parent.stat().st_mode) == 0o700
+    digest = sha(local)
+    assert digest == info["sha256"] and local.stat().st_size == info["size"] > 0
+    for host in HOSTS:
+        copy = node_copy(story, host, "e2e-first")
+        assert copy.is_file(), host
+        assert sha(copy) == digest, host
+        st = copy.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), host
+    state_copy = Path(info["state_copy"])
+    assert state_copy.is_file() and stat.S_IMODE(state_copy.stat().st_mode) == 0o600
+    # no helper container is left behind on any node
+    for host in HOSTS:
+        names = story.ssh(host, "docker ps -a --format '{{.Names}}'").split()
+        assert not [n for n in names if n.startswith("rkel-helper")], (host, names)
+    print(f"snapshot save (3 members, {info['size']} bytes): {story.timings['save']:.1f}s wall"
+          f" (rkel's own count: {info['seconds']}s)")
+
+
+def test_local_copy_reads_with_etcdctl(story: Story) -> None:
+    local = story.workdir / "cluster.snapshots" / "e2e-first"
+    result = subprocess.run(["etcdctl", "snapshot", "status", str(local), "-w", "json"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "ETCDCTL_API": "3"}, check=False)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["totalKey"] >= 20 and status["revision"] >= 20
+
+
+def test_list_shows_it(story: Story) -> None:
+    listed = snap(story, "snapshot", "list")
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("e2e-first"))
+    digest = sha(story.workdir / "cluster.snapshots" / "e2e-first")
+    assert digest[:12] in line and "manual" in line and "rkn1, rkn2, rkn3 + local" in line
+    data = json.loads(snap(story, "-o", "json", "snapshot", "list").stdout)
+    assert [d["name"] for d in data] == ["e2e-first"]
+    assert data[0]["images"]["rkn1"]["etcd"].endswith("mirrored-coreos-etcd:v3.4.23-testbed")
+
+
+def test_verify_passes_then_catches_a_flipped_byte_on_one_node(story: Story) -> None:
+    ok = snap(story, "snapshot", "verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "e2e-first: OK (local, rkn1, rkn2, rkn3)" in ok.stdout
+    copy = node_copy(story, "rkn2", "e2e-first")
+    original = copy.read_bytes()
+    expected = hashlib.sha256(original).hexdigest()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    copy.write_bytes(bytes(flipped))
+    try:
+        bad = snap(story, "snapshot", "verify", "e2e-first")
+        assert bad.returncode == 3, bad.stdout + bad.stderr
+        assert "rkn2" in bad.stderr and expected in bad.stderr
+        assert hashlib.sha256(bytes(flipped)).hexdigest() in bad.stderr
+        assert "rkn1" not in bad.stderr and "rkn3" not in bad.stderr
+        assert "Traceback" not in bad.stderr
+        data = json.loads(snap(story, "-o", "json", "snapshot", "list").stdout)
+        assert data[0]["status"] == "corrupt"
+    finally:
+        copy.write_bytes(original)
+    again = snap(story, "snapshot", "verify")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(snap(story, "-o", "json", "snapshot", "list").stdout)[0]["status"] == "ok"
+
+
+def test_prune_keeps_the_newest(story: Story) -> None:
+    second = snap(story, "snapshot", "save", "--name", "e2e-second")
+    assert second.returncode == 0, second.stderr
+    nothing = snap(story, "snapshot", "prune")  # default retention 72h: both are young
+    assert nothing.returncode == 0 and "Nothing to prune." in nothing.stdout, nothing.stderr
+    pruned = snap(story, "snapshot", "prune", "--keep", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed e2e-first" in pruned.stdout and "kept e2e-second" in pruned.stdout
+    for host in HOSTS:
+        assert not node_copy(story, host, "e2e-first").exists(), host
+        assert node_copy(story, host, "e2e-second").is_file(), host
+    folder = story.workdir / "cluster.snapshots"
+    assert sorted(p.name for p in folder.iterdir()) == ["e2e-second", "e2e-second.rkel.db"]
+    data = json.loads(snap(story, "-o", "json", "snapshot", "list").stdout)
+    assert [d["name"] for d in data] == ["e2e-second"]
+    # the newest is never pruned, whatever the rule
+    last = snap(story, "snapshot", "prune", "--older-than", "1s")
+    assert last.returncode == 0 and "kept e2e-second" in last.stdout, last.stderr
+    assert snap(story, "snapshot", "verify").returncode == 0

@@ -1,0 +1,364 @@
+"""etcd snapshots on the Simulated backend: save, list, verify, prune, and what must be refused.
+
+The simulated hosts model `etcdctl snapshot save|status` with their arguments checked (the
+certificate files must be on the node, the paths bound, the member running), keep file content
+for snapshots, and compute sha256 on the "node"; tests flip bytes in a copy to see verify catch
+it. The real path is tests/e2e/test_snapshots.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from lifecycle import snapshots
+from lifecycle.config import load_config_text
+from lifecycle.config.model import ClusterConfig
+from lifecycle.desired import compile_desired
+from lifecycle.errors import HostUnreachableError, StateError
+from lifecycle.hosts.simulated import SimWorld
+from lifecycle.snapshots import (
+    Retention,
+    SnapshotError,
+    check_name,
+    parse_duration,
+    prune_snapshots,
+    recurring_snapshot_warning,
+    save_snapshot,
+    to_prune,
+    verify_error,
+    verify_snapshot,
+)
+from store import SnapshotRow, Store
+from tests.simcluster import SimCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+cluster_name: snap
+kubernetes_version: v1.30.5-rancher1-1
+nodes:
+  - {address: 10.0.0.1, hostname_override: n1, user: rkel, role: [controlplane, etcd, worker],
+     ssh_key: "-----BEGIN OPENSSH PRIVATE KEY-----\\nsecret\\n"}
+  - {address: 10.0.0.2, hostname_override: n2, user: rkel, role: [etcd]}
+  - {address: 10.0.0.3, hostname_override: n3, user: rkel, role: [etcd, worker]}
+private_registries:
+  - {url: registry.example.com, user: bob, password: hunter2}
+"""
+REMOTE = "/opt/rke/etcd-snapshots"
+
+
+def config_of(text: str = CONFIG) -> ClusterConfig:
+    return load_config_text(text).config
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> SimCluster:
+    cluster = SimCluster(tmp_path / "cluster.rkel.db")
+    outcome = cluster.apply(config_of())
+    assert not outcome.failed, outcome.failed
+    return cluster
+
+
+def save(sim: SimCluster, folder: Path, name: str | None = None, config: ClusterConfig | None = None,
+         ) -> SnapshotRow:
+    config = config or config_of()
+    return save_snapshot(sim.store, sim.world.backend(), config, compile_desired(config), name,
+                         folder=folder)
+
+
+def refs(sim: SimCluster) -> dict:
+    return snapshots.node_refs(sim.store, config_of())
+
+
+# ---------------------------------------------------------------------------- save
+def test_save_spreads_one_checked_file_and_catalogues_it(sim: SimCluster, tmp_path: Path) -> None:
+    folder = tmp_path / "cluster.snapshots"
+    row = save(sim, folder, "first")
+    local = folder / "first"
+    assert local.is_file() and (local.stat().st_mode & 0o777) == 0o600
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    data = local.read_bytes()
+    for host in ("n1", "n2", "n3"):
+        assert sim.world.read_blob(host, f"{REMOTE}/first") == data, host
+    assert row.kind == "manual" and row.size == len(data) and row.status == "ok"
+    assert row.location["nodes"] == ["n1", "n2", "n3"] and row.location["taken_on"] == "n1"
+    assert row.location["local"] == str(local.resolve())
+    assert row.versions["kubernetes_version"] == "v1.30.5-rancher1-1"
+    assert row.versions["images"]["n2"]["etcd"].startswith("rancher/mirrored-coreos-etcd:")
+    assert sim.store.snapshot("first") == row
+    assert not [p for p in folder.iterdir() if p.name.endswith(".part")]
+
+
+def test_config_and_state_copy_hold_no_secret_in_clear(sim: SimCluster, tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s", "first")
+    text = json.dumps(row.config)
+    assert "hunter2" not in text and "PRIVATE KEY" not in text
+    assert row.config["private_registries"][0]["user"] == "bob"
+    assert row.config["nodes"][0]["address"] == "10.0.0.1"
+    copy = Path(row.location["state_copy"])
+    assert (copy.stat().st_mode & 0o777) == 0o600
+    db = sqlite3.connect(copy)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        names = {r[0] for r in db.execute("SELECT name FROM nodes")}
+        assert names == {"n1", "n2", "n3"}
+    finally:
+        db.close()
+
+
+def test_default_name_is_a_utc_timestamp(sim: SimCluster, tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s")
+    assert row.name.startswith("rkel-") and row.name.endswith("Z") and "T" in row.name
+    assert snapshots.default_name(datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)) == \
+        "rkel-20240506T070809Z"
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "/etc/passwd", ".hidden", "a b", "x;rm",
+                                 "a" * 129, "x.part", "y.rkel.db", "é"])
+def test_bad_names_are_refused(bad: str) -> None:
+    with pytest.raises(SnapshotError, match="invalid snapshot name"):
+        check_name(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "rkel-20240101T000000Z", "pre_upgrade.v1.31", "A-1"])
+def test_good_names(good: str) -> None:
+    assert check_name(good) == good
+
+
+def test_a_taken_name_is_refused(sim: SimCluster, tmp_path: Path) -> None:
+    save(sim, tmp_path / "s", "same")
+    with pytest.raises(SnapshotError, match="already exists"):
+        save(sim, tmp_path / "s", "same")
+
+
+def test_save_skips_an_unhealthy_member(sim: SimCluster, tmp_path: Path) -> None:
+    sim.world.hosts["n1"].containers["etcd"].running = False
+    row = save(sim, tmp_path / "s", "from-n2")
+    assert row.location["taken_on"] == "n2"
+    assert sorted(row.location["nodes"]) == ["n1", "n2", "n3"]
+
+
+def test_no_quorum_no_snapshot(sim: SimCluster, tmp_path: Path) -> None:
+    for host in ("n1", "n2"):
+        sim.world.hosts[host].containers["etcd"].running = False
+    with pytest.raises(HostUnreachableError, match="no quorum"):
+        save(sim, tmp_path / "s", "x")
+    assert sim.store.snapshots() == []
+
+
+def test_missing_member_certificate_fails_cleanly(sim: SimCluster, tmp_path: Path) -> None:
+    files = sim.world.hosts["n1"].files
+    for path in [p for p in files if "kube-etcd-10-0-0-1" in p]:
+        del files[path]
+    with pytest.raises(Exception, match="etcdctl snapshot save failed") as err:
+        save(sim, tmp_path / "s", "x")
+    assert "n1" in str(err.value)
+    assert sim.store.snapshots() == []
+
+
+def test_a_failed_copy_leaves_nothing_behind(sim: SimCluster, tmp_path: Path) -> None:
+    sim.world.set_reachable("n3", False)
+    with pytest.raises(HostUnreachableError, match="n3") as err:
+        save(sim, tmp_path / "s", "x")
+    assert "nothing was catalogued" in str(err.value)
+    assert sim.store.snapshots() == []
+    assert list((tmp_path / "s").iterdir()) == []
+    for host in ("n1", "n2"):
+        assert sim.world.read_blob(host, f"{REMOTE}/x") is None, host
+
+
+def test_prefix_path_moves_the_node_folder(tmp_path: Path) -> None:
+    text = CONFIG + "prefix_path: /opt/custom\n"
+    cluster = SimCluster(tmp_path / "c.rkel.db")
+    assert not cluster.apply(config_of(text)).failed
+    # The services bind <prefix>/etc/kubernetes; the simulated certificates land unprefixed.
+    files = cluster.world.hosts["n1"].files
+    files.update({f"/opt/custom{k}": v for k, v in list(files.items())
+                  if k.startswith("/etc/kubernetes/")})
+    row = save(cluster, tmp_path / "s", "p", config_of(text))
+    assert row.location["path"] == f"/opt/custom{REMOTE}/p"
+    assert cluster.world.read_blob("n3", f"/opt/custom{REMOTE}/p") is not None
+
+
+# ---------------------------------------------------------------------------- verify
+def test_verify_passes_on_good_copies(sim: SimCluster, tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s", "good")
+    result = verify_snapshot(sim.store, sim.world.backend(), row, refs(sim))
+    assert result.ok and result.checked == ["local", "n1", "n2", "n3"]
+    assert verify_error([result]) is None
+
+
+def test_verify_names_the_node_with_a_flipped_byte(sim: SimCluster, tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s", "good")
+    path = f"{REMOTE}/good"
+    data = bytearray(sim.world.read_blob("n2", path) or b"")
+    data[5] ^= 0x01
+    sim.world.write_blob("n2", path, bytes(data))
+    result = verify_snapshot(sim.store, sim.world.backend(), row, refs(sim))
+    assert not result.ok and len(result.problems) == 1
+    assert result.problems[0].startswith("n2: ") and row.sha256 in result.problems[0]
+    error = verify_error([result])
+    assert isinstance(error, SnapshotError) and error.exit_code == 3
+    assert "n2" in str(error) and "n1" not in str(error)
+    assert sim.store.snapshot("good").status == "corrupt"  # type: ignore[union-attr]
+    # etcdctl's own test read refuses the tampered copy too
+    code, out = sim.world.backend().host(refs(sim)["n2"]).run_once(
+        "etcd", [snapshots.ETCDCTL, "snapshot", "status", path, "-w", "json"],
+        binds=[f"{REMOTE}:{REMOTE}"])
+    assert code == 1 and "integrity" in out
+
+
+def test_verify_catches_a_bad_local_copy_and_a_missing_node_copy(sim: SimCluster,
+                                                                 tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s", "good")
+    local = Path(row.location["local"])
+    data = bytearray(local.read_bytes())
+    data[-1] ^= 0xFF
+    local.write_bytes(bytes(data))
+    sim.world.backend().host(refs(sim)["n3"]).remove_paths([f"{REMOTE}/good"])
+    result = verify_snapshot(sim.store, sim.world.backend(), row, refs(sim))
+    text = "; ".join(result.problems)
+    assert "local copy" in text and "expected " + row.sha256 in text
+    assert "n3:" in text and "missing" in text
+    assert result.checked == ["n1", "n2"]
+
+
+def test_verify_of_an_unreachable_node_is_a_host_error(sim: SimCluster, tmp_path: Path) -> None:
+    row = save(sim, tmp_path / "s", "good")
+    sim.world.set_reachable("n2", False)
+    result = verify_snapshot(sim.store, sim.world.backend(), row, refs(sim))
+    error = verify_error([result])
+    assert isinstance(error, HostUnreachableError) and "n2" in str(error)
+    assert sim.store.snapshot("good").status == "ok"  # type: ignore[union-attr]  # unknown
+
+
+# ---------------------------------------------------------------------------- prune
+def _row(name: str, age_hours: float, now: datetime) -> SnapshotRow:
+    created = (now - timedelta(hours=age_hours)).isoformat()
+    return SnapshotRow(name, created, None, "manual", "", 0, {}, {}, {}, "ok")
+
+
+@pytest.mark.parametrize("retention,expected", [
+    (Retention(keep=2, older_than=None), ["a", "b"]),
+    (Retention(keep=None, older_than=timedelta(hours=72)), ["a", "b"]),
+    (Retention(keep=None, older_than=timedelta(hours=1)), ["a", "b", "c"]),
+    (Retention(keep=None, older_than=timedelta(seconds=0)), ["a", "b", "c"]),  # never "d"
+    (Retention(keep=1, older_than=None), ["a", "b", "c"]),
+    (Retention(keep=10, older_than=None), []),
+    (Retention(keep=3, older_than=timedelta(hours=80)), ["a", "b"]),  # either rule removes
+])
+def test_retention_rules(retention: Retention, expected: list[str]) -> None:
+    now = datetime(2024, 1, 10, tzinfo=UTC)
+    rows = [_row("a", 100, now), _row("b", 90, now), _row("c", 10, now), _row("d", 0.5, now)]
+    assert [r.name for r in to_prune(rows, retention, now)] == expected
+
+
+def test_the_only_snapshot_is_never_pruned() -> None:
+    now = datetime(2024, 1, 10, tzinfo=UTC)
+    assert to_prune([_row("old", 1000, now)], Retention(1, timedelta(0)), now) == []
+
+
+def test_default_retention_follows_rke() -> None:
+    assert snapshots.default_retention(config_of()) == Retention(None, timedelta(hours=72))
+    text = CONFIG + "services:\n  etcd:\n    retention: 24h\n"
+    assert snapshots.default_retention(config_of(text)) == Retention(None, timedelta(hours=24))
+    text = CONFIG + "services:\n  etcd:\n    backup_config: {enabled: true, retention: 3}\n"
+    assert snapshots.default_retention(config_of(text)) == Retention(3, None)
+
+
+@pytest.mark.parametrize("text,seconds", [("72h", 259200), ("30m", 1800), ("1h30m", 5400),
+                                          ("7d", 604800), ("45s", 45)])
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "h", "72", "3w", "-1h", "1h 2m"])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(SnapshotError, match="invalid duration"):
+        parse_duration(bad)
+
+
+def test_prune_removes_everywhere_and_keeps_the_newest(sim: SimCluster, tmp_path: Path) -> None:
+    for name in ("one", "two", "three"):
+        save(sim, tmp_path / "s", name)
+    result = prune_snapshots(sim.store, sim.world.backend(), refs(sim), Retention(1, None))
+    assert result.removed == ["one", "two"] and result.kept == ["three"]
+    assert [r.name for r in sim.store.snapshots()] == ["three"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["three", "three.rkel.db"]
+    for host in ("n1", "n2", "n3"):
+        assert sim.world.read_blob(host, f"{REMOTE}/one") is None
+        assert sim.world.read_blob(host, f"{REMOTE}/three") is not None
+
+
+def test_prune_keeps_what_it_could_not_delete_on_a_node(sim: SimCluster, tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        save(sim, tmp_path / "s", name)
+    sim.world.set_reachable("n2", False)
+    result = prune_snapshots(sim.store, sim.world.backend(), refs(sim), Retention(1, None))
+    assert result.removed == [] and "n2" in result.failures["one"]
+    assert [r.name for r in sim.store.snapshots()] == ["one", "two"]
+    sim.world.set_reachable("n2", True)
+    again = prune_snapshots(sim.store, sim.world.backend(), refs(sim), Retention(1, None))
+    assert again.removed == ["one"]
+
+
+# ---------------------------------------------------------------------------- warning
+def test_recurring_snapshot_warning() -> None:
+    assert recurring_snapshot_warning(config_of()) is None
+    on = config_of(CONFIG + "services:\n  etcd:\n    snapshot: true\n")
+    warning = recurring_snapshot_warning(on)
+    assert warning and "rkel snapshot save" in warning and "cron" in warning
+    s3 = config_of(CONFIG + "services:\n  etcd:\n    backup_config:\n      enabled: true\n"
+                   "      s3backupconfig: {bucket_name: b, endpoint: s3.example.com}\n")
+    assert "S3" in (recurring_snapshot_warning(s3) or "")
+
+
+# ---------------------------------------------------------------------------- the command
+def rkel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lifecycle", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_save_list_verify_prune(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(CONFIG)
+    sim = ["--backend", "simulated"]
+    assert rkel("apply", "--yes", *sim, cwd=tmp_path).returncode == 0
+    first = rkel("-o", "json", "snapshot", "save", "--name", "a", *sim, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["local"] == str(tmp_path / "cluster.snapshots" / "a")
+    assert rkel("snapshot", "save", "--name", "b", *sim, cwd=tmp_path).returncode == 0
+    bad = rkel("snapshot", "save", "--name", "../evil", *sim, cwd=tmp_path)
+    assert bad.returncode == 3 and "invalid snapshot name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    listed = rkel("snapshot", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.count("manual") == 2
+    assert "n1, n2, n3 + local" in listed.stdout
+    assert rkel("snapshot", "verify", *sim, cwd=tmp_path).returncode == 0
+    world = SimWorld.load(tmp_path / "cluster.rkel.world.json")
+    data = bytearray(world.read_blob("n3", f"{REMOTE}/a") or b"")
+    data[0] ^= 0x20
+    world.write_blob("n3", f"{REMOTE}/a", bytes(data))
+    failed = rkel("snapshot", "verify", "a", *sim, cwd=tmp_path)
+    assert failed.returncode == 3 and "n3" in failed.stderr and "Traceback" not in failed.stderr
+    assert rkel("snapshot", "verify", "nope", *sim, cwd=tmp_path).returncode == 3
+    pruned = rkel("snapshot", "prune", "--keep", "1", *sim, cwd=tmp_path)
+    assert pruned.returncode == 0 and "removed a" in pruned.stdout and "kept b" in pruned.stdout
+    assert [d["name"] for d in json.loads(
+        rkel("-o", "json", "snapshot", "list", cwd=tmp_path).stdout)] == ["b"]
+
+
+def test_save_while_a_run_holds_the_lock_is_refused(sim: SimCluster, tmp_path: Path) -> None:
+    with Store.open(sim.store.path) as other:
+        other.acquire_lock(None, "rkel apply (elsewhere)")
+        try:
+            with pytest.raises(StateError, match="holds the lock"), \
+                    snapshots.locked(sim.store, "rkel snapshot save"):
+                pass
+        finally:
+            other.release_lock()
