@@ -47,6 +47,7 @@ from lifecycle.spec import (
     ServiceSpec,
     Strategy,
     canonical_json,
+    gc_paused,
     sha256_hex,
 )
 from lifecycle.versions import (  # noqa: F401  (supported_versions, version_info: re-exported)
@@ -75,6 +76,7 @@ _KUBELET_HEALTH = HealthCheck(url="http://127.0.0.1:10248/healthz", expect="ok")
 _KUBE_PROXY_HEALTH = HealthCheck(url="http://127.0.0.1:10256/healthz")
 
 
+@gc_paused
 def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None) -> Desired:
     """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
 

@@ -34,6 +34,7 @@ from lifecycle.spec import (
     NodeDesired,
     NodeRef,
     ServiceSpec,
+    gc_paused,
     sha256_hex,
 )
 
@@ -608,6 +609,7 @@ def _addon_groups(current: Current, addons: Sequence[Addon], timeout: float) -> 
     return [Group("addons", f"add-ons: {len(units)}, one after another", 1, tuple(units))]
 
 
+@gc_paused
 def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
          addon_timeout: float = ADDON_TIMEOUT) -> Plan:
     """Plan every step that takes the cluster from `current` to `desired` (and its add-ons),

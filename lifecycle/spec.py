@@ -7,12 +7,36 @@ JSON-serialisable, so plans and journals store them as data, never pickles.
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 SPEC_HASH_LABEL = "io.rkel.spec-hash"
+
+
+def gc_paused(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run `fn` with the cyclic garbage collector paused (restored after, whatever happens).
+
+    Compiling and planning allocate hundreds of thousands of small objects and free almost
+    none, so the collector's passes only re-scan them: a fifth of a 5,000-node plan. Nothing
+    they build has reference cycles to collect."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+
+    return wrapper
 
 
 def canonical_json(value: Any) -> str:
