@@ -101,6 +101,7 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
         nodes=nodes,
         strategy=_strategy(config),
         cluster_certs=certs.cluster_certs(),
+        prefix_path=config.prefix_path.rstrip("/"),
     )
 
 

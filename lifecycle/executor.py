@@ -377,7 +377,9 @@ class Executor:
         if action == "deliver-certs":
             certs = [CertRequest(**{**c, "organizations": tuple(c["organizations"]), "sans": tuple(c["sans"])})
                      for c in (step.detail or {}).get("certs", [])]
-            self.backend.host(ref).put_files(self.certs.files_for(step.node, certs))
+            files = self.certs.files_for(step.node, certs)
+            prefix = str((step.detail or {}).get("prefix", ""))
+            self.backend.host(ref).put_files({f"{prefix}{p}": c for p, c in files.items()})
         elif action == "etcd-join":
             if self._etcd_exists(exclude=step.node):
                 effects.etcd_join(self.backend.etcd(), step.node, ref.internal_address)

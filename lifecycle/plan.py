@@ -579,12 +579,11 @@ def _certs_group(desired: Desired, look: _Lookups) -> list[Group]:
         cur = look.current.get(want.name)
         certs_hash = look.certs(want)
         if cur is None or cur.certs_hash != certs_hash or cur.state in ("absent", "failed"):
-            step = Step(
-                f"{want.name}:certs:{certs_hash}",
-                want.name,
-                "deliver-certs",
-                detail={"certs": [as_data(c) for c in want.certs], "certs_hash": certs_hash},
-            )
+            detail: dict[str, Any] = {"certs": [as_data(c) for c in want.certs],
+                                      "certs_hash": certs_hash}
+            if desired.prefix_path:  # files go under prefix_path, where the services bind them
+                detail["prefix"] = desired.prefix_path
+            step = Step(f"{want.name}:certs:{certs_hash}", want.name, "deliver-certs", detail=detail)
             units.append(Unit(want.name, "add" if _is_new(cur) else "change", (step,)))
     if not units:
         return []

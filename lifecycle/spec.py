@@ -200,6 +200,7 @@ class Desired:
     nodes: tuple[NodeDesired, ...]  # sorted by name
     strategy: Strategy = field(default_factory=Strategy)
     cluster_certs: tuple[CertRequest, ...] = ()  # kept by rkel, delivered to no node
+    prefix_path: str = ""  # RKE's prefix_path: node files live under it ("" for /)
 
     def node(self, name: str) -> NodeDesired | None:
         return next((n for n in self.nodes if n.name == name), None)

@@ -177,10 +177,10 @@ def test_prefix_path_moves_the_node_folder(tmp_path: Path) -> None:
     text = CONFIG + "prefix_path: /opt/custom\n"
     cluster = SimCluster(tmp_path / "c.rkel.db")
     assert not cluster.apply(config_of(text)).failed
-    # The services bind <prefix>/etc/kubernetes; the simulated certificates land unprefixed.
+    # The certificates land under the prefix, where the services bind <prefix>/etc/kubernetes.
     files = cluster.world.hosts["n1"].files
-    files.update({f"/opt/custom{k}": v for k, v in list(files.items())
-                  if k.startswith("/etc/kubernetes/")})
+    assert any(k.startswith("/opt/custom/etc/kubernetes/ssl/") for k in files)
+    assert not any(k.startswith("/etc/kubernetes/") for k in files)
     row = save(cluster, tmp_path / "s", "p", config_of(text))
     assert row.location["path"] == f"/opt/custom{REMOTE}/p"
     assert cluster.world.read_blob("n3", f"/opt/custom{REMOTE}/p") is not None
