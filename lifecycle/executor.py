@@ -267,7 +267,11 @@ class Executor:
     def _uncordon_after_failure(self, run_id: int, node: str) -> str:
         """Make a node that failed mid-change schedulable again (its previous containers were
         put back), as a journaled step of its own; say what happened either way."""
-        step_id = f"{node}:uncordon-after-failure"
+        base = f"{node}:uncordon-after-failure"
+        # a resumed run may retry the failed unit, fail again and uncordon again: a new id
+        prior = sum(1 for r in self.store.journal(run_id)
+                    if r.phase == "intent" and (r.step_id == base or r.step_id.startswith(base + ":")))
+        step_id = base if not prior else f"{base}:{prior + 1}"
         detail = {"action": "uncordon", "node": node, "service": "", "why": "unit failed"}
         with self._state_lock:
             self.store.write_journal(run_id, step_id, "intent", detail)
