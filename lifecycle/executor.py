@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from lifecycle import effects
+from lifecycle import effects, restore
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
@@ -101,7 +101,7 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
 # so the strategy is never capped behind the user's back. `--workers N` sets a cap explicitly.
 DEFAULT_WORKERS = 0
 
-STOP_ON_FAILURE = ("certs", "etcd", "controlplane", "removals")
+STOP_ON_FAILURE = ("restore", "certs", "etcd", "controlplane", "removals")
 KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node", "node-metadata")
 
 
@@ -370,6 +370,9 @@ class Executor:
     # ------------------------------------------------------------------ effects
     def _effect(self, plan: Plan, step: Step) -> None:
         action = step.action
+        if action in restore.ACTIONS:
+            restore.run_step(self, plan, step)
+            return
         if action == "apply-addon":  # cluster-wide: no node
             detail = step.detail or {}
             kube = self.backend.kube()

@@ -12,14 +12,16 @@ import signal
 import sqlite3
 import tempfile
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle.snapshots import recurring_snapshot_warning
+from lifecycle import restore
+from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
-from lifecycle.config import LoadedConfig, load_config
+from lifecycle.config import LoadedConfig, load_config, load_config_text
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
 from lifecycle.effects import READY_TIMEOUT
@@ -52,7 +54,7 @@ from lifecycle.plan import (
     teardown,
 )
 from lifecycle.spec import Desired, canonical_json
-from store import LockHeld, SetMeta, Store, StoreError, default_state_path
+from store import LockHeld, SetMeta, SnapshotRow, Store, StoreError, default_state_path
 
 CRASH_ENV = "RKEL_CRASH_AFTER_JOURNAL_WRITES"  # test-only: SIGKILL self after the Nth journal write
 
@@ -141,6 +143,78 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     return Planned(loaded, desired, current, restrict(plan, only) if only else plan)
 
 
+# ---------------------------------------------------------------------------- snapshots, rollback
+def sealed_config(store: Store, config: Path) -> dict[str, str]:
+    """cluster.yml as the run applying it records it: sealed with the state key."""
+    return restore.seal(load_state_key(Path(store.path)), config.read_text(encoding="utf-8-sig"))
+
+
+def running_config(store: Store, config: Path) -> LoadedConfig:
+    """The cluster.yml the cluster runs: the one the last complete run applied (the file at
+    `config` when no run recorded one)."""
+    sealed = store.get_meta(APPLIED_CONFIG)
+    if not sealed:
+        return load_config(config)
+    text = restore.unseal(sealed, load_state_key(Path(store.path)), "the last run")
+    return load_config_text(text, f"{config} (as last applied)")
+
+
+def snapshot_reason(plan: Plan, store: Store) -> str | None:
+    """Why `plan` needs an automatic snapshot first (None: it does not, or there is no etcd
+    data yet): it changes etcd, the control plane or the Kubernetes version."""
+    if not any(s.name == "etcd" and s.spec_hash for s in store.services()):
+        return None
+    touched = sorted({s.service or s.action for s in plan.steps
+                      if (s.action in ("start", "replace", "remove-service")
+                          and s.service in restore.SNAPSHOT_SERVICES)
+                      or s.action in ("etcd-join", "etcd-leave")})
+    version = store.get_meta("kubernetes_version", "") or ""
+    if plan.kubernetes_version and version and plan.kubernetes_version != version:
+        touched.insert(0, f"Kubernetes {version} -> {plan.kubernetes_version}")
+    return f"it changes {', '.join(touched)}" if touched else None
+
+
+def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) -> SnapshotRow:
+    """The snapshot taken before a disruptive run, of the cluster as it runs (the caller holds
+    the lock)."""
+    loaded = running_config(store, config)
+    return save_snapshot(store, backend, loaded.config, compile_desired(loaded.config),
+                         f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
+                         folder=folder)
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    row: SnapshotRow
+    plan: Plan
+    loaded: LoadedConfig | None  # the recorded cluster.yml (None for a data-only restore)
+    desired: Desired | None
+    text: str  # the recorded cluster.yml's text ("" for a data-only restore)
+
+
+def plan_restore(store: Store, name: str, cluster_name: str) -> RollbackPlan:
+    """`rkel snapshot restore NAME`: etcd data only; every component keeps its version."""
+    row = restore.target(store, name)
+    current = current_state(store)
+    plan = restore.restore_plan(store, row, current.fingerprint, cluster_name)
+    return RollbackPlan(row, plan, None, None, "")
+
+
+def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
+    """`rkel rollback [--to NAME]`: the snapshot's data, then the planner's diff from what runs
+    to the cluster.yml recorded with it (downgrades allowed: that is what rollback is for)."""
+    row = restore.target(store, name)
+    text = restore.recorded_config(row, load_state_key(Path(store.path)))
+    loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
+    desired = compile_desired(loaded.config)
+    addons = compile_addons(loaded.config, config.parent, source=str(config))
+    current = current_state(store)
+    timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
+    then = diff(current, desired, addons, timeout)
+    plan = restore.restore_plan(store, row, current.fingerprint, desired.cluster_name, then)
+    return RollbackPlan(row, plan, loaded, desired, text)
+
+
 def check_fresh(plan: Plan, store: Store) -> None:
     """Refuse a saved plan computed from a state that has changed since."""
     now = current_state(store).fingerprint
@@ -181,9 +255,17 @@ def apply_plan(
     node_ready_timeout: float = READY_TIMEOUT,
     unavailable: dict[str, str] | None = None,
     budgets: dict[str, int] | None = None,
+    before_run: Callable[[], None] | None = None,
+    applies: dict[str, str] | None = None,
 ) -> RunResult:
     """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
-    when the run ends, whatever the outcome."""
+    when the run ends, whatever the outcome.
+
+    :param before_run: called under the lock before a new run starts (the automatic snapshot);
+        what it raises ends the call with nothing started.
+    :param applies: the sealed cluster.yml the run applies; recorded as the applied config
+        (what the next snapshot keeps) once the run, or its resume, ends well.
+    """
     notice = _lock(store, command)
     if notice and notices is not None:
         notices.append(notice)
@@ -197,6 +279,7 @@ def apply_plan(
             run = store.resume_run(unfinished.id)
             plan = Plan.from_dict(run.plan)
             run_id = run.id
+            kind = run.kind  # `rkel apply --resume` also finishes a remove or a rollback
         else:
             if unfinished is not None:
                 raise ResumeRequiredError(
@@ -204,12 +287,16 @@ def apply_plan(
                     "was interrupted; continue it with `rkel apply --resume`"
                 )
             check_fresh(plan, store)
+            if before_run is not None:
+                before_run()
+            restore.mark_pending(store, applies)
             run_id = store.start_run(kind, plan.to_dict(), plan.state_fingerprint, command)
         store.set_lock_run(run_id)
         executor = Executor(store, backend, certs, workers=workers, observer=observer,
                             node_ready_timeout=node_ready_timeout, unavailable=unavailable,
                             budgets=budgets)
         result = executor.run(run_id, plan)
+        restore.promote_pending(store)
         if desired is not None and not resume:
             store.apply_ops(
                 [
@@ -218,9 +305,19 @@ def apply_plan(
                     SetMeta("desired_fingerprint", desired.fingerprint),
                 ]
             )
+        elif resume and plan.kubernetes_version and kind != "remove":
+            # what the interrupted run would have recorded (a resumed rollback: the old version)
+            store.apply_ops(
+                [
+                    SetMeta("cluster_name", plan.cluster_name),
+                    SetMeta("kubernetes_version", plan.kubernetes_version),
+                    SetMeta("desired_fingerprint", plan.desired_fingerprint),
+                ]
+            )
         if kind == "remove":
             # a cluster made again gets its add-ons again, at whatever version it is given
-            store.apply_ops([SetMeta("addons", {}), SetMeta("kubernetes_version", "")])
+            store.apply_ops([SetMeta("addons", {}), SetMeta("kubernetes_version", ""),
+                             SetMeta(APPLIED_CONFIG, None)])
         else:
             note = save_state_copy(store, backend)
             if note and notices is not None:

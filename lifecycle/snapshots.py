@@ -1,5 +1,5 @@
 """etcd snapshots: save (take, test-read, fetch, copy to every etcd node, catalogue), list, verify
-and prune. Restoring one (rollback) builds on this; it is not here yet.
+and prune. Restoring one and rolling back to it are in `lifecycle.restore`.
 
 A snapshot is taken on one healthy member with `etcdctl snapshot save` against that member's own
 client URL, in a short-lived container from the cluster's etcd image (host network, the node's
@@ -44,6 +44,7 @@ SNAPSHOT_DIR = "/opt/rke/etcd-snapshots"  # RKE's folder on every etcd node
 ETCDCTL = "/usr/local/bin/etcdctl"  # where the upstream etcd image has it
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 STATE_COPY_SUFFIX = ".rkel.db"
+APPLIED_CONFIG = "applied_config"  # store meta: the sealed cluster.yml the cluster runs
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -321,6 +322,9 @@ def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired
                      "total_size": etcd_status.get("totalSize")},
             "seconds": round(clock() - started, 2),
         }
+        applied = store.get_meta(APPLIED_CONFIG)
+        if applied:  # sealed with the state key: what `rkel rollback` puts back
+            location["cluster_yml"] = applied
         try:
             return store.add_snapshot(name, kind=kind, sha256=digest, size=size,
                                       location=location, versions=_versions(store, desired),

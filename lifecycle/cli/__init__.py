@@ -19,6 +19,7 @@ import typer
 
 from lifecycle import __version__, runner
 from lifecycle.cli import render
+from lifecycle.cli.rollback import rollback_command, rollback_json, rollback_text
 from lifecycle.cli.snapshot import snapshot_app
 from lifecycle.config import load_config
 from lifecycle.budget import check_budget
@@ -30,6 +31,7 @@ from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
 from lifecycle.pki import admin_kubeconfig_path
 from lifecycle.plan import Plan
+from lifecycle.snapshots import SnapshotError, default_folder
 
 app = typer.Typer(
     name="rkel",
@@ -179,17 +181,31 @@ def plan(
                                 "unreachable or NotReady and whether they use up the failure budget.")
     ] = False,
     backend: BACKEND = BackendKind.ssh,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="Show what `rkel rollback` would do instead.")
+    ] = False,
+    to: Annotated[Optional[str], typer.Option(
+        help="With --rollback: the snapshot (default: the newest automatic one).")] = None,
 ) -> None:
     """Show what apply would change, as a diff of current vs desired."""
     g = _g(ctx)
     try:
         with g.store() as store:
+            if rollback:
+                rb = runner.plan_rollback(g.config, store, to)
+                _emit(g, rollback_text(rb, g.config), rollback_json(rb))
+                return
             planned = runner.make_plan(g.config, store, tuple(only or ()))
             warnings = [str(w) for w in planned.loaded.warnings]
             if check:
                 warnings += _check_nodes(g, store, planned, backend)
             text = render.plan_text(planned.plan, warnings)
             data = render.plan_json(planned.plan, warnings)
+            reason = runner.snapshot_reason(planned.plan, store)
+            data["snapshot_first"] = reason
+            if reason:
+                text += (f"\n\nBefore the run: an automatic etcd snapshot, because {reason}"
+                         " (`rkel rollback` returns to it; apply --no-snapshot skips it).")
             if simulate and not planned.plan.empty:
                 rehearsal = runner.rehearse(store, planned.plan, SimulatedCerts())
                 text += "\n\n" + _rehearsal_text(rehearsal)
@@ -261,6 +277,11 @@ def apply(
     node_ready_timeout: Annotated[
         float, typer.Option(min=5, help="Seconds to wait for a node to be Ready after its kubelet starts.")
     ] = READY_TIMEOUT,
+    snapshot: Annotated[
+        bool, typer.Option(help="Take an etcd snapshot first when the run changes etcd, the "
+                                "control plane or versions (the rollback target); "
+                                "--no-snapshot skips it, and rollback to before this run.")
+    ] = True,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
@@ -285,10 +306,20 @@ def apply(
             desired = planned.desired if planned is not None and planfile is None else None
             config = planned.loaded.config if planned else None
             confirm = None if yes or the_plan is None else (lambda: _confirm(g, the_plan))
+            reason = runner.snapshot_reason(the_plan, store) if the_plan is not None else None
+            if reason and not snapshot:
+                typer.echo(f"warning: --no-snapshot: {reason}, and no snapshot is taken first;"
+                           " `rkel rollback` cannot return to the cluster as it is now", err=True)
+            applies = None
+            if planned is not None and not only and (
+                    planfile is None or the_plan.desired_fingerprint == planned.desired.fingerprint):
+                applies = runner.sealed_config(store, g.config)
             ran = _execute(g, store, the_plan, config, desired, backend=backend, resume=resume,
                            workers=workers, trust_new_hosts=trust_new_hosts, command=command,
                            node_ready_timeout=node_ready_timeout, confirm=confirm,
-                           strategy=planned.desired.strategy if planned else None)
+                           strategy=planned.desired.strategy if planned else None,
+                           prepare=snapshot_first(g, store, reason) if reason and snapshot else None,
+                           applies=applies)
             if ran.session is not None and desired is not None and (not only or "controlplane" in only):
                 ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
     except RkelError as exc:
@@ -310,14 +341,17 @@ class _Ran:
 def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired: Any, *,
              backend: BackendKind, resume: bool, workers: int, trust_new_hosts: bool,
              command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT,
-             confirm: Any = None, strategy: Any = None) -> _Ran:
+             confirm: Any = None, strategy: Any = None, prepare: Any = None,
+             applies: dict[str, str] | None = None) -> _Ran:
     """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
     progress on a terminal and notices on stderr.
 
     With a `strategy`, the nodes already in Kubernetes are checked first (reachable, Ready):
     the ones that are not are reported, skipped, and counted against the failure budget, and
     the run is refused before anything changes when they use it up. `confirm` is asked after
-    that check, so the user sees its findings first."""
+    that check, so the user sees its findings first. `prepare(backend)` runs under the run's lock
+    before a new run starts (the automatic snapshot); what it raises refuses the run.
+    `applies`: the sealed cluster.yml the run applies (recorded when it ends well)."""
     say = lambda text: typer.echo(f"notice: {text}", err=True)
     unfinished = store.unfinished_run()
     groups = the_plan.groups if the_plan else (
@@ -346,17 +380,38 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
             budgets = budget_windows(the_plan, strategy)
         if confirm is not None:
             confirm()
+        before_run = (lambda: prepare(be)) if prepare is not None else None
         result = runner.apply_plan(
             store, be, the_plan or Plan((), (), "", ""), certs, command=command,
             resume=resume, workers=workers, observer=progress, notices=notices,
             desired=desired, kind=kind, node_ready_timeout=node_ready_timeout,
-            unavailable=unavailable, budgets=budgets,
+            unavailable=unavailable, budgets=budgets, before_run=before_run, applies=applies,
         )
     finally:
         be.close()
     for n in notices:
         say(n)
     return _Ran(result, dict(sorted(getattr(be, "connections", {}).items())), session)
+
+
+def snapshot_first(g: Globals, store: Any, reason: str, required: bool = True) -> Any:
+    """What runs before a disruptive run: an automatic etcd snapshot of the cluster as it is.
+    When `required`, its failure refuses the run (else it is a warning)."""
+    def take(be: Any) -> None:
+        typer.echo(f"notice: taking an automatic etcd snapshot first ({reason})", err=True)
+        try:
+            row = runner.auto_snapshot(store, be, g.config, default_folder(g.config))
+        except RkelError as exc:
+            if not required:
+                typer.echo(f"warning: no snapshot before this run ({exc})", err=True)
+                return
+            raise SnapshotError(
+                f"the automatic snapshot before this run failed, so nothing was changed: "
+                f"{exc}\nFix it, or run with --no-snapshot (then `rkel rollback` cannot return "
+                "to the cluster as it is now).") from exc
+        typer.echo(f"notice: snapshot {row.name} saved (sha256 {row.sha256[:12]}); "
+                   "`rkel rollback` returns to it", err=True)
+    return take
 
 
 def _emit_run(g: Globals, what: str, ran: _Ran) -> None:
@@ -529,6 +584,9 @@ def state_unlock(
     _emit(g, f"Removed the lock of pid {holder.pid} on {holder.hostname} ({holder.command}). "
           "If its run was interrupted, continue it with `rkel apply --resume`.",
           {"unlocked": vars(holder)})
+
+
+app.command("rollback")(rollback_command)
 
 
 def main() -> None:

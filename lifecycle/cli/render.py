@@ -10,6 +10,15 @@ from lifecycle.plan import Group, Plan, Step, Unit
 from store import JournalRow, NodeRow, RunRow, ServiceRow
 
 MARK = {"add": "+", "change": "~", "remove": "-"}
+RESTORE_LABELS = {
+    "restore-stage": "snapshot file checked, uploaded where missing",
+    "restore-stop": "stop",
+    "restore-member": "etcdctl snapshot restore, old data set aside",
+    "restore-start": "start",
+    "restore-wait": "every member healthy",
+    "restore-restart": "restart",
+    "restore-cleanup": "drop the set-aside data",
+}
 
 
 def _service_line(step: Step) -> list[str]:
@@ -46,10 +55,14 @@ def _unit_lines(unit: Unit) -> list[str]:
     if "apply-addon" in actions:
         docs = (unit.steps[0].detail or {}).get("docs", [])
         extras.append(f"{len(docs)} object(s), server-side apply")
+    for step in unit.steps:
+        if step.action in RESTORE_LABELS:
+            services = " ".join((step.detail or {}).get("services", []))
+            extras.append(f"{RESTORE_LABELS[step.action]} {services}".rstrip())
     if "deliver-certs" in actions:
         certs = (unit.steps[0].detail or {}).get("certs", [])
         extras.append(f"{len(certs)} certificate(s)")
-    head = f"  {MARK[unit.kind]} {unit.node}"
+    head = f"  {MARK[unit.kind]} {unit.node or 'etcd cluster'}"
     if extras:
         head += f"  ({', '.join(extras)})"
     lines = [head]

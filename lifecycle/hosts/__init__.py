@@ -24,6 +24,20 @@ class Container:
     running: bool
 
 
+# The TCP ports each rkel container listens on in the host's network namespace (every one runs
+# with host networking), as RKE's components do. `rkel doctor` (lifecycle.doctor) checks them;
+# the Simulated backend reports them as listened on while the container runs.
+SERVICE_PORTS: dict[str, tuple[int, ...]] = {
+    "etcd": (2379, 2380),
+    "kube-apiserver": (6443,),
+    "nginx-proxy": (6443,),  # the local load balancer of nodes without the controlplane role
+    "kube-controller-manager": (10257,),
+    "kube-scheduler": (10259,),
+    "kubelet": (10248, 10250),
+    "kube-proxy": (10256,),
+}
+
+
 @dataclass(frozen=True)
 class KubeNode:
     """A Kubernetes Node as the API reports it."""
@@ -83,6 +97,11 @@ class Host(Protocol):
         ...
 
     def remove_paths(self, paths: Sequence[str]) -> None: ...
+
+    def move_paths(self, root: str, moves: Sequence[tuple[str, str]], *, replace: bool) -> None:
+        """Rename each (src, dst), both relative to the directory `root`, in order. A missing
+        src is skipped; an existing dst is removed first with `replace`, else the move skipped."""
+        ...
 
     def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
         """Run `cmd` in a running container: (exit code, stdout followed by stderr)."""

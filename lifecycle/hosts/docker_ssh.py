@@ -400,6 +400,31 @@ class SSHHost:
         if status != 0:
             raise HostError(self.name, f"removing {', '.join(clean)} failed ({logs or status})")
 
+    def move_paths(self, root: str, moves: Sequence[tuple[str, str]], *, replace: bool) -> None:
+        """`mv` each (src, dst) below `root` in a helper container (see `Host.move_paths`)."""
+        clean = _absolute(self.name, root)
+        words: list[str] = []
+        for src, dst in moves:
+            for rel in (src, dst):
+                if rel.startswith("/") or ".." in rel.split("/") or not rel.strip("/"):
+                    raise HostError(self.name, f"refusing path {rel!r}: a path below {clean}"
+                                    " is required")
+            words += [src, dst]
+        existing = 'rm -rf "$d"' if replace else "continue"
+        script = ('cd /rkel/0 || exit 1; while [ $# -gt 0 ]; do s=$1; d=$2; shift 2;'
+                  f' [ -e "$s" ] || continue; if [ -e "$d" ]; then {existing}; fi;'
+                  ' mv "$s" "$d" || exit 1; done')
+        helper = self._create_helper("mv", [f"{clean}:/rkel/0"], ["sh", "-c", script, "mv", *words])
+        try:
+            with self._docker(f"moving {', '.join(f'{a} -> {b}' for a, b in moves)} in {clean}"):
+                self.api.start(helper)
+                status = self.api.wait(helper, timeout=300).get("StatusCode", -1)
+                logs = self.api.logs(helper).decode(errors="replace").strip()
+        finally:
+            self.remove_container(helper)
+        if status != 0:
+            raise HostError(self.name, f"moving files in {clean} failed ({logs or status})")
+
     # ------------------------------------------------------------------ one-shot containers, big files
     def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
                  host_network: bool = False, env: Sequence[str] = (),

@@ -17,14 +17,16 @@ import json
 import os
 import posixpath
 import random
+import shlex
 import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from lifecycle.errors import HostError, HostUnreachableError
-from lifecycle.hosts import Container, DrainOptions, EtcdMember, KubeNode
+from lifecycle.hosts import SERVICE_PORTS, Container, DrainOptions, EtcdMember, KubeNode
 from lifecycle.hosts.kube import (
     API,
     apply_failed,
@@ -119,6 +121,13 @@ class SimHost:
     never_healthy: list[str] = field(default_factory=list)  # services whose probe never passes
     # Files with content (etcd snapshots and their copies): path -> base64; also in `files`.
     blobs: dict[str, str] = field(default_factory=dict)
+    # What `rkel doctor` reads through `run_command`: the Docker Engine's version, TCP ports
+    # listened on besides those of running rkel containers, seconds the host's clock is ahead
+    # of this machine's, and free bytes by mount point (default: plenty on /).
+    docker_version: str = "24.0.9"
+    listening: list[int] = field(default_factory=list)
+    clock_offset: float = 0.0
+    disk_free: dict[str, int] = field(default_factory=dict)
 
 
 class SimWorld:
@@ -181,6 +190,22 @@ class SimWorld:
                 h.never_healthy.append(service)
             if not value and service in h.never_healthy:
                 h.never_healthy.remove(service)
+
+    def set_host_facts(self, host: str, *, docker_version: str | None = None,
+                       listening: Sequence[int] | None = None, clock_offset: float | None = None,
+                       disk_free: Mapping[str, int] | None = None) -> None:
+        """Set what the host's commands report (see `SimHost`); None leaves a fact as it is."""
+        with self._lock:
+            h = self._host(host)
+            if docker_version is not None:
+                h.docker_version = docker_version
+            if listening is not None:
+                h.listening = sorted(set(listening))
+            if clock_offset is not None:
+                h.clock_offset = clock_offset
+            if disk_free is not None:
+                h.disk_free = dict(disk_free)
+            self._save()
 
     def set_rollout_stuck(self, key: str, value: bool = True) -> None:
         """The workload "kind/namespace/name" never finishes rolling out (or does again)."""
@@ -342,6 +367,25 @@ class SimWorld:
                     h.blobs.pop(known, None)
             self._save()
 
+    def move_paths(self, host: str, root: str, moves: Sequence[tuple[str, str]],
+                   replace: bool) -> None:
+        """Files only: the simulated hosts keep files, not directories."""
+        h = self._op(host, self.latency.remove)
+        with self._lock:
+            for src, dst in moves:
+                s, d = posixpath.join(root, src), posixpath.join(root, dst)
+                under = lambda base: [p for p in h.files if p == base or p.startswith(base + "/")]
+                if not under(s) or (under(d) and not replace):
+                    continue
+                for p in under(d):
+                    del h.files[p]
+                    h.blobs.pop(p, None)
+                for p in under(s):
+                    h.files[d + p[len(s):]] = h.files.pop(p)
+                    if p in h.blobs:
+                        h.blobs[d + p[len(s):]] = h.blobs.pop(p)
+            self._save()
+
     # ------------------------------------------------------------------ one-shot containers, files
     def run_once(self, host: str, image: str, command: Sequence[str], binds: Sequence[str],
                  host_network: bool) -> tuple[int, str]:
@@ -349,6 +393,12 @@ class SimWorld:
         self._op(host, self.latency.run_container)
         with self._lock:
             return _sim_etcdctl(self, host, image, list(command), list(binds), host_network)
+
+    def run_command(self, host: str, command: str) -> tuple[int, str, str]:
+        """A shell command over SSH: only the read-only ones `rkel doctor` runs are modelled."""
+        h = self._op(host, self.latency.inspect)
+        with self._lock:
+            return _sim_command(h, command)
 
     def file_sha256(self, host: str, path: str) -> str | None:
         h = self._op(host, self.latency.inspect)
@@ -672,12 +722,14 @@ def _sim_etcdctl(world: SimWorld, host: str, image: str, cmd: list[str], binds: 
         return 127, f"{cmd[:1]}: not simulated (only etcdctl snapshot save|status is)"
     flags = dict(a[2:].partition("=")[::2] for a in cmd[1:] if a.startswith("--"))
     words = [a for a in cmd[1:] if not a.startswith("-")]
-    if words[:1] != ["snapshot"] or len(words) < 3 or words[1] not in ("save", "status"):
+    if words[:1] != ["snapshot"] or len(words) < 3 or words[1] not in ("save", "status", "restore"):
         return 1, f"Error: unknown command {' '.join(words)!r} (simulated)"
     h = world._host(host)
     path = _bound(binds, words[2], write=words[1] == "save")
     if path is None:
         return 1, f"Error: open {words[2]}: no such file or directory (not bound writable)"
+    if words[1] == "restore":
+        return _sim_restore(world, host, path, flags, binds)
     if words[1] == "status":
         data = world.read_blob(host, path)
         if data is None:
@@ -709,6 +761,66 @@ def _sim_etcdctl(world: SimWorld, host: str, image: str, cmd: list[str], binds: 
     h.files[path] = hashlib.sha256(data).hexdigest()
     world._save()
     return 0, f"Snapshot saved at {words[2]}"
+
+
+def _sim_restore(world: SimWorld, host: str, path: str, flags: dict[str, str],
+                 binds: list[str]) -> tuple[int, str]:
+    """`etcdctl snapshot restore`: the snapshot, checked, becomes <data-dir>/member/snap/db."""
+    data = world.read_blob(host, path)
+    if data is None or not data.startswith(SIM_SNAPSHOT_MAGIC):
+        return 1, "Error: snapshot file integrity check failed (simulated)"
+    for flag in ("name", "initial-cluster", "initial-cluster-token", "initial-advertise-peer-urls",
+                 "data-dir"):
+        if not flags.get(flag):
+            return 1, f"Error: --{flag} is required (simulated)"
+    target = _bound(binds, flags["data-dir"], write=True)
+    if target is None:
+        return 1, f"Error: mkdir {flags['data-dir']}: read-only or not bound"
+    h = world._host(host)
+    if any(p.startswith(target.rstrip("/") + "/") for p in h.files):
+        return 1, f"Error: data-dir {flags['data-dir']} exists"
+    h.blobs[f"{target}/member/snap/db"] = base64.b64encode(data).decode()
+    h.files[f"{target}/member/snap/db"] = hashlib.sha256(data).hexdigest()
+    world._save()
+    return 0, f"restored snapshot into {flags['data-dir']}"
+
+
+def _sim_command(h: SimHost, command: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `command` on `h`, as the real tools print them:
+    `docker [-H URL] version|info --format ...`, `cat /proc/net/tcp /proc/net/tcp6`,
+    `date +%s.%N` and `df -Pk PATH`. Anything else exits 127, as an unknown command would."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        return 2, "", f"sh: syntax error: {exc}\n"
+    if argv[:1] == ["docker"]:
+        words = argv[3:] if argv[1:2] == ["-H"] else argv[1:]
+        if words == ["version", "--format", "{{.Server.Version}}"]:
+            return 0, h.docker_version + "\n", ""
+        if words == ["info", "--format", "{{.DockerRootDir}}"]:
+            return 0, "/var/lib/docker\n", ""
+    if argv == ["cat", "/proc/net/tcp", "/proc/net/tcp6"]:
+        ports = set(h.listening)
+        for c in h.containers.values():
+            if c.running:
+                ports.update(SERVICE_PORTS.get(c.name, ()))
+        lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+                 "   uid  timeout inode"]
+        lines += [f"{i:4}: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000"
+                  f" 00000000     0        0 {1000 + i} 1 0000000000000000 100 0 0 10 0"
+                  for i, port in enumerate(sorted(ports))]
+        return 0, "\n".join(lines) + "\n", ""
+    if argv == ["date", "+%s.%N"]:
+        return 0, f"{time.time() + h.clock_offset:.9f}\n", ""
+    if len(argv) == 3 and argv[:2] == ["df", "-Pk"] and argv[2].startswith("/"):
+        mounts = {"/": 100 << 30, **h.disk_free}
+        mount = max((m for m in mounts if argv[2] == m or argv[2].startswith(m.rstrip("/") + "/")),
+                    key=len)
+        total = max(mounts[mount], 1 << 30) * 2 // 1024
+        free = mounts[mount] // 1024
+        return 0, ("Filesystem     1024-blocks      Used Available Capacity Mounted on\n"
+                   f"/dev/sim       {total} {total - free} {free} 50% {mount}\n"), ""
+    return 127, "", f"sh: 1: {argv[0] if argv else command}: not found (simulated)\n"
 
 
 def _registration(host: str, args: list[str]) -> dict[str, Any]:
@@ -766,6 +878,9 @@ class SimHostHandle:
     def remove_paths(self, paths: Sequence[str]) -> None:
         self.world.remove_paths(self.name, paths)
 
+    def move_paths(self, root: str, moves: Sequence[tuple[str, str]], *, replace: bool) -> None:
+        self.world.move_paths(self.name, root, moves, replace)
+
     def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
                  host_network: bool = False, env: Sequence[str] = (),
                  timeout: float = 600.0) -> tuple[int, str]:
@@ -773,6 +888,10 @@ class SimHostHandle:
 
     def file_sha256(self, path: str) -> str | None:
         return self.world.file_sha256(self.name, path)
+
+    def run_command(self, command: str, timeout: float = 60) -> tuple[int, str, str]:
+        """Like `SSHHost.run_command`: (exit status, stdout, stderr)."""
+        return self.world.run_command(self.name, command)
 
     def fetch_file(self, path: str, out: BinaryIO) -> int:
         return self.world.fetch_file(self.name, path, out)
