@@ -32,11 +32,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import posixpath
-import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from cryptography.fernet import Fernet, InvalidToken
 
 from lifecycle.errors import HostError, RkelError, StateError
@@ -66,8 +66,8 @@ ACTIONS = ("restore-stage", "restore-stop", "restore-member", "restore-start", "
 HEALTH_RETRIES = 60
 HEALTH_INTERVAL = 2.0
 ETCD_INSIDE = "/var/lib/rancher/etcd"  # etcd's data dir inside its container
-_SECRET_LINE = re.compile(
-    r"^(\s*-?\s*(?:ssh_key|password|secret_key|access_key|key|token|ssh_cert)\s*:\s*)\S.*$")
+SECRET_KEYS = frozenset({"ssh_key", "ssh_cert", "password", "secret_key", "access_key",
+                         "secrets_encryption_config", "custom_config", "token", "key"})
 
 
 # ---------------------------------------------------------------------------- sealed config
@@ -102,20 +102,31 @@ def promote_pending(store: Store) -> None:
 
 
 def redacted_diff(old: str, new: str, old_name: str, new_name: str) -> str:
-    """A unified diff of two cluster.yml texts, values of secret-looking keys and PEM bodies
-    replaced by <redacted> (the diff is printed; secrets never are)."""
-    def clean(text: str) -> list[str]:
-        out, in_pem = [], False
-        for line in text.splitlines(keepends=True):
-            if "-----BEGIN" in line:
-                in_pem = True
-            if in_pem:
-                out.append("<redacted>\n" if "-----END" in line else "")
-                in_pem = "-----END" not in line
-                continue
-            out.append(_SECRET_LINE.sub(r"\1<redacted>", line.rstrip("\n")) + "\n")
-        return [line for line in out if line]
-    return "".join(difflib.unified_diff(clean(new), clean(old), new_name, old_name))
+    """A unified diff from `new` to `old` (two cluster.yml texts), compared as YAML data with
+    every secret replaced: SSH keys, passwords, S3 keys and the encryption config by
+    <redacted>, inline add-ons by their sha256 (they may hold Secrets). The diff is printed;
+    secrets never are."""
+    def lines(text: str) -> list[str]:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            return [f"# (not valid YAML: {str(exc).splitlines()[0]})\n"]
+        dumped = yaml.safe_dump(_redact(data), sort_keys=False, default_flow_style=False,
+                                allow_unicode=True, width=100)
+        return dumped.splitlines(keepends=True)
+    return "".join(difflib.unified_diff(lines(new), lines(old), new_name, old_name))
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if key in SECRET_KEYS and value not in (None, ""):
+        return "<redacted>"
+    if key == "addons" and isinstance(value, str):
+        return f"<inline add-ons, sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]}>"
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- choosing a snapshot
