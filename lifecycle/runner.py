@@ -215,6 +215,23 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     return RollbackPlan(row, plan, loaded, desired, text)
 
 
+def interrupted_message(store: Store) -> str | None:
+    """What to say about an unfinished run, if there is one."""
+    unfinished = store.unfinished_run()
+    if unfinished is None:
+        return None
+    return (f"run {unfinished.id} ({unfinished.kind}, started {unfinished.started_at}) was "
+            "interrupted; continue it with `rkel apply --resume`")
+
+
+def refuse_if_interrupted(store: Store) -> None:
+    """A new run (even one with nothing to do) must not start over an interrupted one: its
+    steps may have left services stopped that only its resume starts again."""
+    message = interrupted_message(store)
+    if message:
+        raise ResumeRequiredError(message)
+
+
 def check_fresh(plan: Plan, store: Store) -> None:
     """Refuse a saved plan computed from a state that has changed since."""
     now = current_state(store).fingerprint
@@ -281,11 +298,7 @@ def apply_plan(
             run_id = run.id
             kind = run.kind  # `rkel apply --resume` also finishes a remove or a rollback
         else:
-            if unfinished is not None:
-                raise ResumeRequiredError(
-                    f"run {unfinished.id} ({unfinished.kind}, started {unfinished.started_at}) "
-                    "was interrupted; continue it with `rkel apply --resume`"
-                )
+            refuse_if_interrupted(store)
             check_fresh(plan, store)
             if before_run is not None:
                 before_run()

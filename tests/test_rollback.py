@@ -8,6 +8,7 @@ visible; the real path is tests/e2e/test_rollback.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,25 @@ def test_cli_no_snapshot_warns_and_a_failed_snapshot_refuses_the_run(tmp_path: P
     forced = rkel("apply", "--yes", "--no-snapshot", *sim, cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
     assert "--no-snapshot" in forced.stderr and "cannot return" in forced.stderr
+
+
+def test_cli_a_killed_rollback_blocks_new_runs_until_resumed(tmp_path: Path) -> None:
+    sim = ["--backend", "simulated"]
+    config = tmp_path / "cluster.yml"
+    config.write_text(OLD)
+    assert rkel("apply", "--yes", *sim, cwd=tmp_path).returncode == 0
+    config.write_text(NEW)
+    assert rkel("apply", "--yes", *sim, cwd=tmp_path).returncode == 0
+    crashed = subprocess.run([sys.executable, "-m", "lifecycle", "rollback", "--yes", *sim],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RKEL_CRASH_AFTER_JOURNAL_WRITES": "14"})
+    assert crashed.returncode == -9, crashed.stderr
+    # the cluster.yml (1.31) matches the services the store records, but etcd is stopped:
+    refused = rkel("apply", "--yes", *sim, cwd=tmp_path)
+    assert refused.returncode == 4 and "interrupted" in refused.stderr, refused.stdout
+    assert "apply --resume" in rkel("plan", cwd=tmp_path).stdout
+    resumed = rkel("rollback", "--resume", *sim, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    services = json.loads(rkel("-o", "json", "status", cwd=tmp_path).stdout)["services"]
+    assert {s["image"] for s in services if "hyperkube" in s["image"]} == {
+        "rancher/hyperkube:v1.30.5-rancher1"}

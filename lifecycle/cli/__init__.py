@@ -197,6 +197,9 @@ def plan(
                 return
             planned = runner.make_plan(g.config, store, tuple(only or ()))
             warnings = [str(w) for w in planned.loaded.warnings]
+            interrupted = runner.interrupted_message(store)
+            if interrupted:
+                warnings.insert(0, f"{interrupted}; this plan is what a new run would do after it")
             if check:
                 warnings += _check_nodes(g, store, planned, backend)
             text = render.plan_text(planned.plan, warnings)
@@ -288,6 +291,8 @@ def apply(
     command = " ".join(["rkel", *sys.argv[1:]])
     try:
         with g.store() as store:
+            if not resume and not simulate:
+                runner.refuse_if_interrupted(store)
             planned = None if resume else runner.make_plan(g.config, store, tuple(only or ()))
             if planned is not None:
                 for w in planned.loaded.warnings:

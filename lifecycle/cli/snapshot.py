@@ -23,7 +23,7 @@ from lifecycle.config import load_config
 from lifecycle.desired import compile_desired
 from lifecycle.errors import RkelError
 
-snapshot_app = typer.Typer(help="etcd snapshots: save, list, verify, prune.", no_args_is_help=True)
+snapshot_app = typer.Typer(help="etcd snapshots: save, list, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
 
 
 class SnapshotBackend(str, Enum):
