@@ -25,6 +25,8 @@ from typing import Any
 import docker
 import pytest
 
+from lifecycle.pki import PKI, load_state_key
+from store import Store
 from tests.e2e.test_etcd_plane import Story, rkel
 
 pytestmark = pytest.mark.e2e
@@ -38,9 +40,15 @@ NODE_DIRS = ("etc-kubernetes", "var-lib-etcd", "opt-rke", "var-lib-kubelet")
 class Cluster(Story):
     """One workdir (cluster.yml, state, admin kubeconfig) and the testbed hosts it runs on."""
 
+    outputs: list[str]  # everything rkel printed in this story (checked for secrets)
+
     def rkel(self, *args: str, timeout: float = 900,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return rkel(self.workdir, *args, timeout=timeout, env=env)
+        result = rkel(self.workdir, *args, timeout=timeout, env=env)
+        if not hasattr(self, "outputs"):
+            self.outputs = []
+        self.outputs.append(result.stdout + result.stderr)
+        return result
 
     def apply(self, label: str) -> dict[str, Any]:  # type: ignore[override]
         started = time.monotonic()
@@ -246,6 +254,65 @@ def test_a_kubelet_flag_change_restarts_only_the_kubelets(cluster: Cluster) -> N
     assert restarted == [(h, "kubelet") for h in HOSTS]
     nodes = ready_nodes(cluster, 3, lambda n: n["status"]["capacity"]["pods"] == "150")
     assert all(not n["spec"].get("unschedulable") for n in nodes)  # uncordoned again
+
+
+def test_no_private_key_is_in_clear_anywhere_rkel_writes_but_the_node_files(
+        cluster: Cluster) -> None:
+    """Every private key rkel generated (and the SSH key it logs in with), looked for by a line
+    of its PEM body in: the state database, a snapshot and its state copy, everything rkel
+    printed in this story (text and JSON, errors included), every container's `docker inspect`
+    on every host (env, command, labels), and the kube-system state Secret."""
+    bad = cluster.rkel("-o", "json", "snapshot", "verify", "no-such-snapshot")
+    assert bad.returncode != 0  # an error message is checked too
+    saved = cluster.rkel("-o", "json", "snapshot", "save", "--name", "secrets-check")
+    assert saved.returncode == 0, saved.stderr
+    for args in (("-o", "json", "status"), ("-o", "json", "history"), ("history", "1"),
+                 ("-o", "json", "plan"), ("-o", "json", "snapshot", "list")):
+        assert cluster.rkel(*args).returncode == 0, args
+    with Store.open(cluster.state) as store:
+        pki = PKI(store, load_state_key(cluster.state))
+        keys = {row.name: pki.material(row.name).key_pem.decode() for row in store.certificates()
+                if row.key_encrypted is not None}
+    keys["ssh login key"] = Path(cluster.key).read_text()
+    assert len(keys) > 10
+    needles = {name: _pem_lines(pem) for name, pem in keys.items()}
+    assert all(needles.values()), [n for n, lines in needles.items() if not lines]
+    needles["state key"] = [load_state_key(cluster.state).decode()]
+    info = json.loads(saved.stdout)
+    places: dict[str, str] = {
+        "state database": _read_all(cluster.state),
+        "snapshot file": Path(info["local"]).read_bytes().decode("latin-1"),
+        "snapshot state copy": Path(info["state_copy"]).read_bytes().decode("latin-1"),
+        "rkel output": "\n".join(cluster.outputs),
+    }
+    for host in HOSTS:
+        client = cluster.engine(host)
+        try:
+            for c in client.containers.list(all=True):
+                config = c.attrs["Config"]
+                places[f"docker inspect {host}/{c.name}"] = json.dumps(
+                    [config.get("Env"), config.get("Cmd"), config.get("Entrypoint"),
+                     config.get("Labels"), c.attrs.get("Args")])
+        finally:
+            client.close()
+    secret = cluster.kube_json("get", "secret", "-n", "kube-system", "rkel-cluster-state")
+    places["kube-system/rkel-cluster-state"] = "".join(
+        base64.b64decode(v).decode("latin-1") for v in secret["data"].values())
+    found = [f"{name} in {where}" for where, text in places.items()
+             for name, lines in needles.items() if any(line in text for line in lines)]
+    assert found == [], found
+    assert "PRIVATE KEY" not in places["rkel output"]
+
+
+def _pem_lines(pem: str) -> list[str]:
+    """The full base64 lines of a PEM body (64 characters each; 70 in OpenSSH's format)."""
+    return [line for line in pem.splitlines() if len(line) >= 60 and "-" not in line]
+
+
+def _read_all(db: Path) -> str:
+    """The database and its write-ahead log, as bytes seen as text."""
+    parts = [p.read_bytes() for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
+    return b"".join(parts).decode("latin-1")
 
 
 def test_remove_leaves_no_container_and_no_file(cluster: Cluster) -> None:
