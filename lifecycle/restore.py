@@ -131,20 +131,27 @@ def _redact(value: Any, key: str = "") -> Any:
 
 # ---------------------------------------------------------------------------- choosing a snapshot
 def target(store: Store, name: str | None) -> SnapshotRow:
-    """The snapshot to roll back to: `name`, or the newest automatic one."""
+    """The snapshot to roll back to: `name`, or the newest automatic one. Refused when its
+    catalogue row was changed outside rkel (its seal does not hold)."""
     if name:
         row = store.snapshot(name)
         if row is None:
             known = ", ".join(r.name for r in store.snapshots()[-5:]) or "none"
             raise SnapshotError(f"no snapshot named {name!r} (newest: {known}); see"
                                 " `rkel snapshot list`")
-        return row
-    autos = [r for r in store.snapshots() if r.kind == "auto"]
-    if not autos:
-        raise SnapshotError("there is no automatic snapshot to roll back to (rkel takes one"
-                            " before each run that changes etcd, the control plane or versions);"
-                            " name one with --to (see `rkel snapshot list`)")
-    return autos[-1]
+    else:
+        autos = [r for r in store.snapshots() if r.kind == "auto"]
+        if not autos:
+            raise SnapshotError("there is no automatic snapshot to roll back to (rkel takes one"
+                                " before each run that changes etcd, the control plane or"
+                                " versions); name one with --to (see `rkel snapshot list`)")
+        row = autos[-1]
+    problems = store.catalogue_problems(row.name)
+    if problems:
+        raise SnapshotError(f"{'; '.join(problems)}: it cannot be trusted for a restore, and"
+                            " nothing was stopped; run `rkel state verify`, and pick another"
+                            " snapshot (`rkel snapshot list`)")
+    return row
 
 
 def recorded_config(row: SnapshotRow, key: bytes) -> str:

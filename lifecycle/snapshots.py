@@ -407,6 +407,8 @@ def verify_snapshot(store: Store, backend: Backend, row: SnapshotRow,
     """Check the local file and every node's copy against the catalogue; record the status
     (ok, corrupt or missing; unchanged when a node could not be reached)."""
     result = Verified(row.name)
+    # an edited row (its sha256 among them) would make every check below meaningless
+    result.problems += store.catalogue_problems(row.name)
     local = Path(str(row.location.get("local", "")))
     if not local.is_file():
         result.problems.append(f"local copy {local} is missing")

@@ -26,12 +26,14 @@ from store.rows import (
     UpsertNode,
     UpsertService,
 )
+from store.base import JournalBroken
 from store.store import Store, default_state_path
 
 __all__ = [
     "CertificateRow",
     "DeleteNode",
     "DeleteService",
+    "JournalBroken",
     "JournalRow",
     "KnownHostRow",
     "LockHeld",

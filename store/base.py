@@ -19,10 +19,13 @@ from typing import Any, Self
 
 from sqlite_utils import Database
 
+from store.journal import verify_rows
 from store.rows import StoreError
 from store.schema import KNOWN_MIGRATIONS, MIGRATIONS_TABLE, migrations
+from store.seal import find_state_key, seal_key
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+JOURNAL_TRIGGERS = ("journal_no_update", "journal_no_delete")
 
 
 def default_state_path(config_path: str | os.PathLike[str]) -> Path:
@@ -47,12 +50,14 @@ class StoreBase:
         db: Database,
         path: Path,
         after_journal_write: Callable[[int], None] | None = None,
+        state_key: bytes | None = None,
     ) -> None:
         """Wrap an already configured and migrated database; use `Store.open` instead."""
         self._db = db
         self._conn = db.conn
         self.path = path
         self._after_journal_write = after_journal_write
+        self._state_key = state_key
         self._lock = threading.RLock()
         self._journal_writes = 0
         self._closed = False
@@ -66,12 +71,18 @@ class StoreBase:
         *,
         after_journal_write: Callable[[int], None] | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        check_journal: bool = True,
+        state_key: bytes | None = None,
     ) -> Self:
         """Open (creating if needed) the state database at `path` and bring its schema up to date.
 
         :param after_journal_write: called with the count of journal rows this Store has written,
           right after each journal commit (crash-injection hook for tests).
         :param busy_timeout_ms: how long to wait for another process's write to finish.
+        :param check_journal: refuse (JournalBroken) a database whose journal hash chain is
+          broken; off only for `rkel state verify`, which reports instead of refusing.
+        :param state_key: the state key that seals snapshot catalogue rows (default: found
+          where lifecycle.pki_key keeps it, see `store.seal.find_state_key`).
         """
         db_path = Path(path)
         try:
@@ -94,6 +105,8 @@ class StoreBase:
                     " put the state on a local filesystem"
                 )
             _migrate(db, db_path)
+            if check_journal:
+                _check_journal(db, db_path)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if "not a database" in str(exc) or "encrypted" in str(exc):
@@ -105,7 +118,7 @@ class StoreBase:
         except BaseException:
             conn.close()
             raise
-        return cls(db, db_path, after_journal_write)
+        return cls(db, db_path, after_journal_write, state_key)
 
     def close(self) -> None:
         """Close the database connection; further calls raise StoreError."""
@@ -176,10 +189,22 @@ class StoreBase:
             self._check_open()
             return [m.name for m in migrations.applied(self._db)]
 
+    def _seal_key(self) -> bytes | None:
+        """The catalogue seal key, from the state key given at open or found beside the state
+        now (it may be created after the store was opened)."""
+        state_key = self._state_key or find_state_key(self.path)
+        return seal_key(state_key) if state_key else None
+
     def integrity_check(self) -> str:
         """SQLite's PRAGMA integrity_check result ("ok" when the file is sound)."""
         rows = self._query("PRAGMA integrity_check")
         return "\n".join(str(next(iter(r.values()))) for r in rows)
+
+    def missing_journal_triggers(self) -> list[str]:
+        """The journal's append-only triggers (migration 0002) that are gone from the schema."""
+        rows = self._query("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        present = {r["name"] for r in rows}
+        return [t for t in JOURNAL_TRIGGERS if t not in present]
 
     def settings(self) -> dict[str, Any]:
         """The connection's journal_mode, synchronous, foreign_keys and busy_timeout pragmas."""
@@ -205,6 +230,29 @@ def _check_compatible(db: Database, path: Path) -> None:
                 f"{path} is a SQLite database but not an rkel state database (it has tables"
                 f" {', '.join(sorted(foreign)[:5])}); point --state at the right file"
             )
+
+
+class JournalBroken(StoreError):
+    """The journal's hash chain is broken: rows were edited, removed or reordered outside rkel."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path  # not in the message: callers prefix the path already
+        self.problems = problems
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        super().__init__(
+            f"the journal was changed outside rkel: {problems[0]}{more}. rkel does not"
+            " trust this state (the journal decides what `apply --resume` redoes). Run `rkel"
+            " state verify` to see every problem, then restore the state file from a backup"
+            " (`rkel snapshot save` keeps one, <snapshot>.rkel.db, beside each snapshot)"
+        )
+
+
+def _check_journal(db: Database, path: Path) -> None:
+    rows = list(db.query("SELECT * FROM journal ORDER BY seq"))
+    issued = list(db.query("SELECT seq FROM sqlite_sequence WHERE name = 'journal'"))
+    problems = verify_rows(rows, issued[0]["seq"] if issued else None)
+    if problems:
+        raise JournalBroken(path, problems)
 
 
 def _migrate(db: Database, path: Path) -> None:

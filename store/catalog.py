@@ -12,6 +12,7 @@ from typing import Any
 
 from store.base import StoreBase, now
 from store.ops import apply_op
+from store.seal import seal, seal_problem
 from store.rows import (
     SNAPSHOT_KINDS,
     CertificateRow,
@@ -123,24 +124,17 @@ class CatalogStore(StoreBase):
         """Catalog a snapshot; refused if the name is taken."""
         if kind not in SNAPSHOT_KINDS:
             raise ValueError(f"snapshot kind must be one of {SNAPSHOT_KINDS}, not {kind!r}")
-        values = [
-            name,
-            now(),
-            run_id,
-            kind,
-            sha256,
-            size,
-            dumps(dict(location)),
-            dumps(dict(versions)),
-            dumps(dict(config)),
-            status,
-        ]
+        created = now()
+        fields = [name, created, run_id, kind, sha256, size, dict(location), dict(versions),
+                  dict(config), status]
+        values = [*fields[:6], *(dumps(v) for v in fields[6:9]), status,
+                  seal(fields, self._seal_key())]
         with self._write(f"cataloguing snapshot {name}") as conn:
             if conn.execute("SELECT 1 FROM snapshots WHERE name = ?", [name]).fetchone():
                 raise StoreError(f"a snapshot named {name!r} already exists; pick another name")
             conn.execute(
                 "INSERT INTO snapshots (name, created_at, run_id, kind, sha256, size, location,"
-                " versions, config_json, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " versions, config_json, status, seal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
         row = self.snapshot(name)
@@ -148,11 +142,38 @@ class CatalogStore(StoreBase):
         return row
 
     def set_snapshot_status(self, name: str, status: str) -> None:
-        """Record a snapshot's status (e.g. after verifying it)."""
+        """Record a snapshot's status (e.g. after verifying it), sealing the row again, unless
+        its seal was already broken: an edited row must not be blessed by the next update."""
+        key = self._seal_key()
         with self._write(f"updating snapshot {name}") as conn:
-            cur = conn.execute("UPDATE snapshots SET status = ? WHERE name = ?", [status, name])
-            if cur.rowcount != 1:
+            row = self._snapshot_in(conn, name)
+            if row is None:
                 raise StoreError(f"no snapshot named {name!r}")
+            sealed = row.seal
+            if seal_problem(row.seal, row.sealed_fields(), key) is None:
+                sealed = seal([*row.sealed_fields()[:-1], status], key)
+            conn.execute(
+                "UPDATE snapshots SET status = ?, seal = ? WHERE name = ?", [status, sealed, name]
+            )
+
+    def catalogue_problems(self, name: str | None = None) -> list[str]:
+        """Why catalogue rows (of one snapshot when given) cannot be trusted; empty when every
+        seal holds. A restore must refuse a snapshot listed here."""
+        key = self._seal_key()
+        rows = self.snapshots() if name is None else [r for r in [self.snapshot(name)] if r]
+        problems = []
+        for row in rows:
+            why = seal_problem(row.seal, row.sealed_fields(), key)
+            if why is not None:
+                problems.append(f"snapshot {row.name}: its catalogue row {why}")
+        return problems
+
+    def _snapshot_in(self, conn: Any, name: str) -> SnapshotRow | None:
+        cur = conn.execute("SELECT * FROM snapshots WHERE name = ?", [name])
+        found = cur.fetchone()
+        if found is None:
+            return None
+        return SnapshotRow.from_db(dict(zip([c[0] for c in cur.description], found)))
 
     def snapshots(self) -> list[SnapshotRow]:
         """Every cataloged snapshot, oldest first (ties by name)."""

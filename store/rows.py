@@ -191,6 +191,7 @@ class SnapshotRow:
     versions: dict[str, Any]
     config: dict[str, Any]
     status: str
+    seal: str = ""  # see store.seal; checked by Store.catalogue_problems
 
     @classmethod
     def from_db(cls, row: dict[str, Any]) -> SnapshotRow:
@@ -206,7 +207,13 @@ class SnapshotRow:
             versions=loads(row["versions"], {}),
             config=loads(row["config_json"], {}),
             status=row["status"],
+            seal=row.get("seal") or "",
         )
+
+    def sealed_fields(self) -> list[Any]:
+        """What the row's seal covers: every column but the seal."""
+        return [self.name, self.created_at, self.run_id, self.kind, self.sha256, self.size,
+                self.location, self.versions, self.config, self.status]
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,10 @@ def _node_taints(db: Database) -> None:
     # What rkel last applied to the Kubernetes Node: `labels` (a dict) and now `taints`, a list
     # of [key, value, effect].
     _run(db, ["ALTER TABLE nodes ADD COLUMN taints TEXT NOT NULL DEFAULT '[]'"])
+
+
+@_migration("0004_snapshot_seal")
+def _snapshot_seal(db: Database) -> None:
+    # An HMAC over each catalogue row (store.seal): an edited checksum is found, not trusted.
+    # Rows from before stay unsealed and are reported as such.
+    _run(db, ["ALTER TABLE snapshots ADD COLUMN seal TEXT NOT NULL DEFAULT ''"])

@@ -258,3 +258,15 @@ def test_cli_a_killed_rollback_blocks_new_runs_until_resumed(tmp_path: Path) -> 
     services = json.loads(rkel("-o", "json", "status", cwd=tmp_path).stdout)["services"]
     assert {s["image"] for s in services if "hyperkube" in s["image"]} == {
         "rancher/hyperkube:v1.30.5-rancher1"}
+
+
+def test_a_catalogue_row_changed_outside_rkel_is_not_restored(upgraded: SimCluster,
+                                                              tmp_path: Path) -> None:
+    import sqlite3
+
+    row = upgraded.store.snapshot("before")
+    assert row is not None
+    with sqlite3.connect(str(upgraded.store.path)) as db:  # someone edits the checksum
+        db.execute("UPDATE snapshots SET sha256 = ? WHERE name = 'before'", ["0" * 64])
+    with pytest.raises(SnapshotError, match="cannot be trusted for a restore"):
+        plan_rollback(tmp_path / "cluster.yml", upgraded.store, None)

@@ -316,7 +316,7 @@ def apply(
                 typer.echo(f"warning: --no-snapshot: {reason}, and no snapshot is taken first;"
                            " `rkel rollback` cannot return to the cluster as it is now", err=True)
             applies = None
-            if planned is not None and not only and (
+            if planned is not None and the_plan is not None and not only and (
                     planfile is None or the_plan.desired_fingerprint == planned.desired.fingerprint):
                 applies = runner.sealed_config(store, g.config)
             ran = _execute(g, store, the_plan, config, desired, backend=backend, resume=resume,
@@ -592,6 +592,7 @@ def state_unlock(
 
 
 app.command("rollback")(rollback_command)
+from lifecycle.cli import state as _state  # noqa: E402,F401  registers `rkel state verify`
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ AUTHENTICATION_STRATEGIES = ("x509", "webhook")
 _VERSION = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+(-rancher[0-9]+(-[0-9]+)?)?")
 _PLACEHOLDER = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 _PERCENT = re.compile(r"([0-9]+)%")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _PARENT = re.compile(r"(.*?)(\.[^.\[\]]+|\[[^\]]*\])$")
 
 # Providers RKE knows for each add-on; anything else is deployed as RKE's default (a warning).
@@ -216,6 +217,12 @@ def _check_cluster_roles(config: ClusterConfig, report: _Report) -> None:
         )
 
 
+def _number(text: str) -> int | None:
+    """`text` (stripped) as a non-negative whole number of ASCII digits, else None."""
+    text = text.strip()
+    return int(text) if _DIGITS.fullmatch(text) else None
+
+
 def _check_cidr(report: _Report, path: str, value: str) -> None:
     """One CIDR, or two (IPv4 and IPv6) separated by a comma for dual-stack."""
     parts = [p.strip() for p in value.split(",")]
@@ -255,10 +262,9 @@ def _check_services(config: ClusterConfig, report: _Report) -> None:
 
     path = "services.kube-api.service_node_port_range"
     value = services.kube_api.service_node_port_range
-    low, _, high = value.partition("-")
-    if not (
-        low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) < int(high) <= 65535
-    ):
+    low_text, _, high_text = value.partition("-")
+    low, high = _number(low_text), _number(high_text)
+    if low is None or high is None or not 1 <= low < high <= 65535:
         report.error(
             path,
             f"`{value}` is not a port range: use `A-B` with 1 <= A < B <= 65535, e.g. 30000-32767",
@@ -277,7 +283,8 @@ def _check_services(config: ClusterConfig, report: _Report) -> None:
 def _check_unavailable(report: _Report, path: str, value: str) -> None:
     text = value.strip()
     percent = _PERCENT.fullmatch(text)
-    ok = 1 <= int(percent.group(1)) <= 100 if percent else text.isdigit() and int(text) >= 1
+    number = _number(percent.group(1) if percent else text)
+    ok = number is not None and (1 <= number <= 100 if percent else number >= 1)
     if not ok:
         report.error(path, f"`{value}` is not a node count (>= 1) or a percentage from 1% to 100%")
 

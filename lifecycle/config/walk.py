@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from typing import Any
 
@@ -38,6 +39,11 @@ _FLOAT = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 _TRUE = {"true", "yes", "on", "y"}
 _FALSE = {"false", "no", "off", "n"}
 _KIND_WORDS = {"str": "a string", "int": "a number", "bool": "true or false", "float": "a number"}
+# RKE reads whole numbers into Go ints (64-bit); anything wider fails there too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Characters a YAML file may only hold as escapes ("\0", "\ud800"): a NUL ends a C string and a
+# lone surrogate is not text at all, so no file, database, container or terminal can take them.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 class _Invalid:
@@ -62,7 +68,7 @@ def join(path: str, key: str) -> str:
     """The YAML path of `key` under `path`; odd keys are quoted: labels["app.kubernetes.io/x"]."""
     if _SAFE_KEY.fullmatch(key):
         return f"{path}.{key}" if path else key
-    return f"{path}[{json.dumps(key)}]"
+    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
 
 
 def shorten(path: str, limit: int = 100) -> str:
@@ -141,6 +147,23 @@ class Walker:
                 )
             )
 
+    def _storable(self, node: ScalarNode, path: str, what: str = "this value") -> bool:
+        """False (after reporting it) when the scalar holds a NUL or a surrogate, which YAML can
+        only write as an escape and nothing downstream (file, database, host) can store."""
+        bad = _UNSTORABLE.search(str(node.value))
+        if bad is None:
+            return True
+        if bad.group() == "\x00":
+            char, hint = "a NUL character", 'remove the "\\0" or "\\x00" escape'
+        else:
+            char = f"U+{ord(bad.group()):04X}, a UTF-16 surrogate"
+            hint = ('write the character itself, or as an 8-digit escape like "\\U0001F600"; '
+                    '"\\uD83D\\uDE00"-style pairs are not decoded')
+        self.error(
+            path, line_of(node), f"{what} contains {char} (character {bad.start() + 1})", hint
+        )
+        return False
+
     def error(self, path: str, line: int | None, message: str, hint: str = "") -> None:
         self.errors.append(ConfigIssue(path, line, message, hint))
 
@@ -156,6 +179,8 @@ class Walker:
             return self._free(node, path, depth)
         if is_null(node):
             return None  # yaml.v2: null leaves the zero value, i.e. "use the default"
+        if isinstance(node, ScalarNode) and not self._storable(node, path):
+            return INVALID
         if isinstance(spec, Scalar):
             return self._scalar(node, spec, path)
         if isinstance(spec, Seq):
@@ -193,16 +218,28 @@ class Walker:
         if stripped == "":
             return None  # `port: ""` in `rke config` dumps means "not set"
         if spec.kind == "float":
-            if _FLOAT.fullmatch(stripped):
-                return float(stripped)
-            self.error(path, line_of(node), f"expected a number, got {shown}")
+            number_ = float(stripped) if _FLOAT.fullmatch(stripped) else None
+            if number_ is not None and math.isfinite(number_):
+                return number_
+            problem = "is too large" if number_ is not None else "is not a number"
+            self.error(path, line_of(node), f"expected a number, got {shown}, which {problem}")
             return INVALID
         if not _INT.fullmatch(stripped):
             self.error(
                 path, line_of(node), f"expected a whole number{self._range(spec)}, got {shown}"
             )
             return INVALID
-        number = int(stripped)
+        # int() refuses over 4300 digits; anything past 19 is out of every range anyway
+        digits = stripped.lstrip("+-").lstrip("0")
+        number = int(stripped) if len(digits) <= 19 else None
+        if number is None or not INT64_MIN <= number <= INT64_MAX:
+            self.error(
+                path,
+                line_of(node),
+                f"{shown} is too large for a number{self._range(spec)}: RKE reads whole numbers "
+                f"as 64-bit (at most {INT64_MAX})",
+            )
+            return INVALID
         too_low = spec.minimum is not None and number < spec.minimum
         too_high = spec.maximum is not None and number > spec.maximum
         if too_low or too_high:
@@ -256,6 +293,8 @@ class Walker:
                 continue
             if not isinstance(key, ScalarNode):
                 self.error(path, line_of(key), f"a key must be a plain word, found {describe(key)}")
+                continue
+            if not self._storable(key, path, "a key here"):
                 continue
             explicit.append((str(key.value), key, value))
         # Explicit keys win over merged ones, and an earlier merge source over a later one.
@@ -381,8 +420,12 @@ class Walker:
             items = []
             for index, item in enumerate(node.value):
                 self._count(item, path, depth + 1)
-                items.append(self._free(item, f"{path}[{index}]", depth + 1))
+                value = self._free(item, f"{path}[{index}]", depth + 1)
+                if value is not INVALID:
+                    items.append(value)
             return items
+        if isinstance(node, ScalarNode) and not self._storable(node, path):
+            return INVALID
         return resolve_scalar(node)
 
 
@@ -395,10 +438,12 @@ def resolve_scalar(node: Node) -> Any:
     if tag.endswith(":bool"):
         return text.lower() == "true"
     try:
-        if tag.endswith(":int"):
+        if tag.endswith(":int") and len(text) <= 100:  # int() refuses over 4300 digits
             return int(text.replace("_", ""), 0)
         if tag.endswith(":float"):
-            return float(text)
+            number = float(text.replace("_", ""))
+            # inf and nan have no JSON form: keep what was written, as for any other odd value
+            return number if math.isfinite(number) else text
     except ValueError:
         pass
     return text
