@@ -335,9 +335,14 @@ def apply_plan(
             note = save_state_copy(store, backend)
             if note and notices is not None:
                 notices.append(note)
-        return result
-    finally:
-        store.release_lock()
+    except BaseException:
+        try:
+            store.release_lock()
+        except StoreError:
+            pass  # what went wrong first matters; a dead process's lock is taken over
+        raise
+    store.release_lock()
+    return result
 
 
 # ---------------------------------------------------------------------------- preflight

@@ -31,6 +31,7 @@ from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
 from lifecycle.pki import admin_kubeconfig_path
 from lifecycle.plan import Plan
+from store import StoreError
 from lifecycle.snapshots import SnapshotError, default_folder
 
 app = typer.Typer(
@@ -596,5 +597,21 @@ from lifecycle.cli import state as _state  # noqa: E402,F401  registers `rkel st
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point. A state database that cannot be written (disk full, read-only,
+    damaged) mid-command is an error with what to do, never a traceback: what was journaled
+    before stays, and an interrupted run resumes."""
+    try:
+        app()
+    except StoreError as exc:
+        hint = ("free space on the disk that holds it" if "full" in str(exc) or "space" in str(exc)
+                else "check the file and its directory (permissions, `rkel state verify`)")
+        typer.echo(f"error: the state database cannot be written: {exc}. Nothing journaled is "
+                   f"lost; {hint}, then run the command again (an interrupted run: `rkel apply "
+                   "--resume`).", err=True)
+        raise SystemExit(4) from None
+    except OSError as exc:  # a local file (kubeconfig, snapshot folder, simulated world) failed
+        where = f" ({exc.filename})" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}; fix that (free space, permissions), "
+                   "then run the command again (an interrupted run: `rkel apply --resume`).",
+                   err=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,94 @@
+"""Local faults: the disk holding the state fills up mid-run; the lock is held by a dead process.
+
+The state directory is a 2 MiB tmpfs mounted for the test (root, as CI runs), filled with a
+file until only a little room is left, at a few different amounts, so the run fails at
+different points: taking the lock, starting the run, a journal write, the simulated hosts'
+file. Each time: an error that says what to do (no traceback), a state that passes `rkel state
+verify`, and once space is freed, a resume (or a new run) that converges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_rollback import NEW, OLD
+
+ROOMS = (150_000, 100_000, 70_000)  # bytes left free before the upgrade starts
+
+
+def rkel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lifecycle", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "state"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                             capture_output=True, text=True, check=False)
+    assert mounted.returncode == 0, f"mounting a tmpfs needs root: {mounted.stderr}"
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def fill(disk: Path, room: int) -> Path:
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, free - room))
+    return filler
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_a_full_disk_mid_upgrade_is_a_clear_error_and_resumes(small_disk: Path,
+                                                               room: int) -> None:
+    sim = ["--backend", "simulated"]
+    (small_disk / "cluster.yml").write_text(OLD)
+    assert rkel("apply", "--yes", *sim, cwd=small_disk).returncode == 0
+    (small_disk / "cluster.yml").write_text(NEW)
+    filler = fill(small_disk, room)
+    failed = rkel("apply", "--yes", "--no-snapshot", *sim, cwd=small_disk)
+    assert failed.returncode in (1, 4), failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert "space" in failed.stderr or "full" in failed.stderr, failed.stderr
+    assert "then run the command again" in failed.stderr
+    filler.unlink()
+    verify = rkel("state", "verify", cwd=small_disk)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    runs = json.loads(rkel("-o", "json", "history", cwd=small_disk).stdout)
+    interrupted = runs[0]["status"] in ("running", "interrupted")
+    again = ("apply", "--resume", "--yes") if interrupted else ("apply", "--yes", "--no-snapshot")
+    finished = rkel(*again, *sim, cwd=small_disk)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "No changes" in rkel("plan", cwd=small_disk).stdout
+
+
+def test_the_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path: Path) -> None:
+    sim = ["--backend", "simulated"]
+    (tmp_path / "cluster.yml").write_text(OLD)
+    env = {**os.environ, "RKEL_CRASH_AFTER_JOURNAL_WRITES": "9"}
+    dead = subprocess.run([sys.executable, "-m", "lifecycle", "apply", "--yes", *sim],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+                          check=False)
+    assert dead.returncode == -signal.SIGKILL  # it died holding the lock
+    status = rkel("status", cwd=tmp_path)
+    assert status.returncode == 0  # reading needs no lock
+    started = time.monotonic()
+    resumed = rkel("apply", "--resume", "--yes", *sim, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "took over the lock of pid" in resumed.stderr and "which is gone" in resumed.stderr
+    assert time.monotonic() - started < 60  # no waiting for a lock nobody will release
+    assert "No changes" in rkel("plan", cwd=tmp_path).stdout
