@@ -20,6 +20,9 @@ import typer
 from lifecycle import __version__, runner
 from lifecycle.cli import render
 from lifecycle.cli.rollback import rollback_command, rollback_json, rollback_text
+from lifecycle.cli.config_cmd import config as config_generate
+from lifecycle.cli.doctor import doctor as doctor_command
+from lifecycle.cli.kubeconfig_cmd import kubeconfig as kubeconfig_command
 from lifecycle.cli.snapshot import snapshot_app
 from lifecycle.config import load_config
 from lifecycle.budget import check_budget
@@ -46,8 +49,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # never print locals: they hold private keys
     add_completion=False,
 )
-config_app = typer.Typer(help="Work with cluster.yml.", no_args_is_help=True)
+config_app = typer.Typer(help="Work with cluster.yml: `rkel config` asks questions and writes one (as `rke config`); `rkel config validate` checks one.")
+config_app.callback(invoke_without_command=True)(config_generate)
 app.add_typer(config_app, name="config")
+app.command("doctor")(doctor_command)
+app.command("kubeconfig")(kubeconfig_command)
 hosts_app = typer.Typer(help="SSH host keys pinned in the state.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 state_app = typer.Typer(help="The state database.", no_args_is_help=True)

@@ -787,7 +787,7 @@ def _sim_restore(world: SimWorld, host: str, path: str, flags: dict[str, str],
 
 def _sim_command(h: SimHost, command: str) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `command` on `h`, as the real tools print them:
-    `docker [-H URL] version|info --format ...`, `cat /proc/net/tcp /proc/net/tcp6`,
+    `docker [-H URL] version|info --format ...`, `cat /proc/net/tcp` (and `tcp6`, empty),
     `date +%s.%N` and `df -Pk PATH`. Anything else exits 127, as an unknown command would."""
     try:
         argv = shlex.split(command)
@@ -799,11 +799,13 @@ def _sim_command(h: SimHost, command: str) -> tuple[int, str, str]:
             return 0, h.docker_version + "\n", ""
         if words == ["info", "--format", "{{.DockerRootDir}}"]:
             return 0, "/var/lib/docker\n", ""
-    if argv == ["cat", "/proc/net/tcp", "/proc/net/tcp6"]:
-        ports = set(h.listening)
-        for c in h.containers.values():
-            if c.running:
-                ports.update(SERVICE_PORTS.get(c.name, ()))
+    if argv[:1] == ["cat"] and argv[1:] in (["/proc/net/tcp"], ["/proc/net/tcp6"]):
+        ports: set[int] = set()
+        if argv[1] == "/proc/net/tcp":  # IPv4 only: every listener of the model is there
+            ports.update(h.listening)
+            for c in h.containers.values():
+                if c.running:
+                    ports.update(SERVICE_PORTS.get(c.name, ()))
         lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
                  "   uid  timeout inode"]
         lines += [f"{i:4}: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000"
