@@ -135,6 +135,11 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     recurring = recurring_snapshot_warning(loaded.config)
     if recurring:
         notes.append(recurring)
+    encryption = loaded.config.services.kube_api.secrets_encryption_config
+    if encryption and encryption.get("enabled"):
+        notes.append("services.kube-api.secrets_encryption_config asks for Secrets encrypted at"
+                     " rest, which rkel does not configure yet: the API servers run without"
+                     " --encryption-provider-config")
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
     plan = diff(current, desired, addons, timeout)

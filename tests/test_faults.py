@@ -92,3 +92,11 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path: Path) 
     assert "took over the lock of pid" in resumed.stderr and "which is gone" in resumed.stderr
     assert time.monotonic() - started < 60  # no waiting for a lock nobody will release
     assert "No changes" in rkel("plan", cwd=tmp_path).stdout
+
+
+def test_secrets_encryption_is_a_plan_warning_not_silently_ignored(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(
+        OLD + "services:\n  kube-api:\n    secrets_encryption_config: {enabled: true}\n")
+    plan = rkel("plan", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "secrets_encryption_config" in plan.stdout and "does not configure yet" in plan.stdout
