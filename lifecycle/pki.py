@@ -111,7 +111,7 @@ def _is_ca_cert(cert: x509.Certificate) -> bool:
         return False
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Replace `path` atomically with `data`; the file is mode 0600 from its first byte."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -357,7 +357,7 @@ class PKI:
         path = admin_kubeconfig_path(Path(config_path))
         text = self.admin_kubeconfig(server, cluster_name)
         try:
-            _write_private(path, text.encode())
+            write_private(path, text.encode())
         except OSError as exc:
             raise StateError(f"cannot write the admin kubeconfig {path}: {exc}") from exc
         return path

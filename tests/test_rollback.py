@@ -49,14 +49,7 @@ def _apply(sim: SimCluster, text: str) -> None:
 
 @pytest.fixture
 def upgraded(tmp_path: Path) -> SimCluster:
-    """1.30 applied, snapshot `before` (auto), then 1.31 applied."""
-    sim = SimCluster(tmp_path / "cluster.rkel.db")
-    _apply(sim, OLD)
-    config = load_config_text(OLD).config
-    save_snapshot(sim.store, sim.world.backend(), config, compile_desired(config), "before",
-                  kind="auto", folder=tmp_path / "snaps")
-    _apply(sim, NEW)
-    return sim
+    return _fresh(tmp_path)
 
 
 def _rollback(sim: SimCluster, tmp_path: Path, crash_after: int | None = None) -> int:
@@ -121,6 +114,7 @@ def test_rollback_killed_at_every_journal_write_resumes_to_the_same_end(tmp_path
 
 
 def _fresh(where: Path) -> SimCluster:
+    """1.30 applied, snapshot `before` (auto), then 1.31 applied."""
     sim = SimCluster(where / "cluster.rkel.db")
     _apply(sim, OLD)
     config = load_config_text(OLD).config

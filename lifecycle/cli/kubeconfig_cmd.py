@@ -9,8 +9,6 @@ is created when there is no state yet.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +16,7 @@ import typer
 
 from lifecycle.errors import RkelError, StateError
 from lifecycle.kubeconfig import DEFAULT_CLUSTER
-from lifecycle.pki import PKI, admin_kubeconfig_path, load_state_key
+from lifecycle.pki import PKI, admin_kubeconfig_path, load_state_key, write_private
 from store import default_state_path
 
 
@@ -32,23 +30,6 @@ def admin_server(nodes: list[Any], services: list[Any]) -> str:
     running = {s.node for s in services if s.name == "kube-apiserver" and s.state == "running"}
     chosen = next((n for n in cps if n.name in running), cps[0])
     return f"https://{chosen.address}:6443"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data`, mode 0600 from the first byte."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StateError(f"cannot write the kubeconfig {path}: {exc.strerror or exc}; choose "
-                         "another place with --output") from None
 
 
 def kubeconfig(
@@ -68,6 +49,10 @@ def kubeconfig(
     if print_ and output is not None:
         typer.echo("error: --print and --output exclude each other; give one", err=True)
         raise typer.Exit(2)
+    if print_ and g.output is Output.json:
+        typer.echo("error: --print writes the kubeconfig itself (it holds the admin's private"
+                   " key, which JSON output never carries); drop -o json", err=True)
+        raise typer.Exit(2)
     state_path = Path(g.state or default_state_path(g.config))
     path = output or admin_kubeconfig_path(Path(g.config))
     try:
@@ -80,14 +65,15 @@ def kubeconfig(
             pki = PKI(store, load_state_key(state_path, create=False))
             text = pki.admin_kubeconfig(server, name)
         if not print_:
-            write_private(path, text.encode())
+            try:
+                write_private(path, text.encode())
+            except OSError as exc:
+                raise StateError(f"cannot write the kubeconfig {path}: {exc.strerror or exc};"
+                                 " choose another place with --output") from None
     except RkelError as exc:
         raise _fail(g, exc) from None
     if print_:
-        if g.output is Output.json:
-            _emit(g, "", {"server": server, "cluster": name, "kubeconfig": text})
-        else:
-            typer.echo(text, nl=False)
+        typer.echo(text, nl=False)
         return
     _emit(g, f"Wrote the admin kubeconfig for {name} ({server}) to {path} (mode 0600).",
           {"path": str(path), "server": server, "cluster": name})

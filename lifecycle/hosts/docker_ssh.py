@@ -389,16 +389,22 @@ class SSHHost:
         inside = [f"/rkel/{index[posixpath.dirname(p)]}/{posixpath.basename(p)}" for p in clean]
         script = ('for p; do rm -rf "$p" 2>/dev/null; if [ -e "$p" ] && [ -n "$(ls -A "$p")" ];'
                   ' then echo "could not remove ${p#/rkel/}" >&2; exit 1; fi; done')
-        helper = self._create_helper("rm", binds, ["sh", "-c", script, "rm", *inside])
+        self._run_helper("rm", binds, ["sh", "-c", script, "rm", *inside],
+                         f"removing {', '.join(clean)}", 120)
+
+    def _run_helper(self, purpose: str, binds: list[str], command: list[str], what: str,
+                    timeout: float) -> None:
+        """Run a helper container to completion; HostError naming `what` if it fails."""
+        helper = self._create_helper(purpose, binds, command)
         try:
-            with self._docker(f"removing {', '.join(clean)}"):
+            with self._docker(what):
                 self.api.start(helper)
-                status = self.api.wait(helper, timeout=120).get("StatusCode", -1)
+                status = self.api.wait(helper, timeout=timeout).get("StatusCode", -1)
                 logs = self.api.logs(helper).decode(errors="replace").strip()
         finally:
             self.remove_container(helper)
         if status != 0:
-            raise HostError(self.name, f"removing {', '.join(clean)} failed ({logs or status})")
+            raise HostError(self.name, f"{what} failed ({logs or status})")
 
     def move_paths(self, root: str, moves: Sequence[tuple[str, str]], *, replace: bool) -> None:
         """`mv` each (src, dst) below `root` in a helper container (see `Host.move_paths`)."""
@@ -414,16 +420,8 @@ class SSHHost:
         script = ('cd /rkel/0 || exit 1; while [ $# -gt 0 ]; do s=$1; d=$2; shift 2;'
                   f' [ -e "$s" ] || continue; if [ -e "$d" ]; then {existing}; fi;'
                   ' mv "$s" "$d" || exit 1; done')
-        helper = self._create_helper("mv", [f"{clean}:/rkel/0"], ["sh", "-c", script, "mv", *words])
-        try:
-            with self._docker(f"moving {', '.join(f'{a} -> {b}' for a, b in moves)} in {clean}"):
-                self.api.start(helper)
-                status = self.api.wait(helper, timeout=300).get("StatusCode", -1)
-                logs = self.api.logs(helper).decode(errors="replace").strip()
-        finally:
-            self.remove_container(helper)
-        if status != 0:
-            raise HostError(self.name, f"moving files in {clean} failed ({logs or status})")
+        self._run_helper("mv", [f"{clean}:/rkel/0"], ["sh", "-c", script, "mv", *words],
+                         f"moving {', '.join(f'{a} -> {b}' for a, b in moves)} in {clean}", 300)
 
     # ------------------------------------------------------------------ one-shot containers, big files
     def run_once(self, image: str, command: Sequence[str], *, binds: Sequence[str] = (),
