@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import fields, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
 from lifecycle.config.model import BaseService, ClusterConfig, Node
@@ -74,6 +75,8 @@ _CONTROLLER_MANAGER_HEALTH = HealthCheck(url="https://127.0.0.1:10257/healthz", 
 _SCHEDULER_HEALTH = HealthCheck(url="https://127.0.0.1:10259/healthz", expect="ok")
 _KUBELET_HEALTH = HealthCheck(url="http://127.0.0.1:10248/healthz", expect="ok")
 _KUBE_PROXY_HEALTH = HealthCheck(url="http://127.0.0.1:10256/healthz")
+
+V = TypeVar("V")
 
 
 @gc_paused
@@ -144,11 +147,18 @@ class _Context:
         self.cp_nodes = sorted(config.nodes_with("controlplane"), key=lambda n: n.name)
         self.rbac = config.authorization.mode == "rbac"
         self.cri_dockerd = config.enable_cri_dockerd is not False  # RKE: true from 1.24 on
+        self._shared: dict[Any, Any] = {}
         # The same on every node: built once, shared by the nodes (values, so sharing is safe;
         # and a diff then hashes them once).
         self.sidekick = _sidekick(self)
         self.nginx_proxy = _nginx_proxy(self)
         self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
+
+    def shared(self, value: V) -> V:
+        """One object per distinct value: binds, env, labels, roles... are the same on most
+        nodes, and thousands of equal tuples would cost memory and the garbage collector's
+        time (every pass visits each of their items)."""
+        return self._shared.setdefault(value, value)  # type: ignore[no-any-return]
 
     def cert(self, request: CertRequest) -> tuple[CertRequest, str]:
         """One shared object per distinct certificate request, with its hash (each computed
@@ -172,21 +182,55 @@ class _Context:
         return f"{self.prefix}{path}" if self.prefix else path
 
 
-def _spec(ctx: _Context, name: str, service: BaseService | None, **fields: Any) -> ServiceSpec:
-    """A ServiceSpec with RKE's label and the service's extra binds and env appended."""
+def _spec(
+    ctx: _Context,
+    name: str,
+    service: BaseService | None,
+    cert_hashes: Mapping[str, str],
+    **fields: Any,
+) -> ServiceSpec:
+    """A ServiceSpec with the service's extra binds and env appended, and its labels (see
+    `_labels`; `cert_hashes`: the node's certificates, by name).
+
+    Its tuples are shared with the nodes' equal ones (all but the arguments, which name the
+    node, are the same on most nodes)."""
     binds = list(fields.pop("binds", ()))
     env = list(fields.pop("env", ()))
     if service is not None:
         binds += service.extra_binds
         env += service.extra_env
+    for key in ("command", "volumes_from"):
+        if key in fields:
+            fields[key] = ctx.shared(fields[key])
+    shared_env = ctx.shared(unique(env))
+    reads = fields.get("args", ()) + shared_env + fields.get("command", ())
     return ServiceSpec(
         name=name,
         image=ctx.images[name],
-        binds=unique(binds),
-        env=unique(env),
-        labels=((CONTAINER_NAME_LABEL, name),),
+        binds=ctx.shared(unique(binds)),
+        env=shared_env,
+        labels=ctx.shared(_labels(name, reads, cert_hashes)),
         **fields,
     )
+
+
+_CERT_FILE = re.compile(r"/etc/kubernetes/ssl/(?:kubecfg-)?([A-Za-z0-9.-]+?)(?:-key)?\.(?:pem|yaml)")
+
+
+def _labels(
+    name: str, reads: tuple[str, ...], cert_hashes: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """RKE's container-name label and, when the container reads certificates (named in
+    `reads`: its arguments, env and command), the hash of those: a certificate change (a new
+    SAN, a rotation) then restarts exactly the services that use it, health-gated."""
+    labels = ((CONTAINER_NAME_LABEL, name),)
+    used = set(_CERT_FILE.findall(" ".join(reads)))
+    if "kube-node" in used:  # kubecfg-kube-node.yaml points at the node's own identity
+        used |= {cert for cert in cert_hashes if cert.startswith("kube-node-")}
+    hashes = sorted(f"{cert}={cert_hashes[cert]}" for cert in used if cert in cert_hashes)
+    if not hashes:
+        return labels
+    return tuple(sorted(labels + (("io.rkel.certs", sha256_hex(",".join(hashes))[:16]),)))
 
 
 def _is_ip(value: str) -> bool:
@@ -201,15 +245,24 @@ def _entrypoint(component: str) -> tuple[str, ...]:
     return (RKE_TOOLS_ENTRYPOINT, component)
 
 
-def _component(ctx: _Context, name: str, service: BaseService | None, **fields: Any) -> ServiceSpec:
+def _component(
+    ctx: _Context,
+    name: str,
+    service: BaseService | None,
+    cert_hashes: Mapping[str, str],
+    **fields: Any,
+) -> ServiceSpec:
     """A Kubernetes component: run through rke-tools' entrypoint, which the sidekick carries."""
-    return _spec(ctx, name, service, command=_entrypoint(name), volumes_from=(SIDEKICK,), **fields)
+    return _spec(
+        ctx, name, service, cert_hashes, command=_entrypoint(name), volumes_from=(SIDEKICK,),
+        **fields,
+    )
 
 
 # --- services ------------------------------------------------------------------------------
 
 
-def _etcd(ctx: _Context, node: Node) -> ServiceSpec:
+def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     svc = ctx.config.services.etcd
     own = certs.etcd_cert_name(node)
     listen = "0.0.0.0" if node.address == node.internal else node.internal
@@ -241,6 +294,7 @@ def _etcd(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "etcd",
         svc,
+        cert_hashes,
         command=("/usr/local/bin/etcd",),
         args=render(merged, svc),
         bootstrap_args=tuple(f"--{k}={bootstrap[k]}" for k in sorted(bootstrap)),
@@ -263,7 +317,7 @@ def _etcd(ctx: _Context, node: Node) -> ServiceSpec:
     )
 
 
-def _kube_apiserver(ctx: _Context, node: Node) -> ServiceSpec:
+def _kube_apiserver(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     cfg = ctx.config
     api = cfg.services.kube_api
     etcd = cfg.services.etcd
@@ -309,13 +363,16 @@ def _kube_apiserver(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "kube-apiserver",
         api,
+        cert_hashes,
         args=render_args(builtin, defaults, api),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_APISERVER_HEALTH,
     )
 
 
-def _kube_controller_manager(ctx: _Context, node: Node) -> ServiceSpec:
+def _kube_controller_manager(
+    ctx: _Context, node: Node, cert_hashes: Mapping[str, str]
+) -> ServiceSpec:
     svc = ctx.config.services.kube_controller
     kubeconfig = certs.kubeconfig_path(certs.KUBE_CONTROLLER_MANAGER)
     builtin = {
@@ -333,13 +390,14 @@ def _kube_controller_manager(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "kube-controller-manager",
         svc,
+        cert_hashes,
         args=render_args(builtin, ctx.info.component_flags("kube-controller-manager"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_CONTROLLER_MANAGER_HEALTH,
     )
 
 
-def _kube_scheduler(ctx: _Context, node: Node) -> ServiceSpec:
+def _kube_scheduler(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     svc = ctx.config.services.scheduler
     kubeconfig = certs.kubeconfig_path(certs.KUBE_SCHEDULER)
     builtin = {
@@ -351,6 +409,7 @@ def _kube_scheduler(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "kube-scheduler",
         svc,
+        cert_hashes,
         args=render_args(builtin, ctx.info.component_flags("kube-scheduler"), svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_SCHEDULER_HEALTH,
@@ -364,6 +423,7 @@ def _sidekick(ctx: _Context) -> ServiceSpec:
         ctx,
         SIDEKICK,
         None,
+        {},  # reads no certificate: the same on every node
         command=("/bin/true",),
         network_mode="none",
         restart="no",
@@ -378,12 +438,13 @@ def _nginx_proxy(ctx: _Context) -> ServiceSpec:
         ctx,
         "nginx-proxy",
         None,
+        {},  # reads no certificate: the same on every node
         command=("nginx-proxy",),
         env=[f"CP_HOSTS={cp_hosts}"],
     )
 
 
-def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
+def _kubelet(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     cfg = ctx.config
     svc = cfg.services.kubelet
     builtin = {
@@ -447,6 +508,7 @@ def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "kubelet",
         svc,
+        cert_hashes,
         args=render_args(builtin, ctx.info.component_flags("kubelet"), svc),
         env=env,
         binds=binds,
@@ -456,7 +518,7 @@ def _kubelet(ctx: _Context, node: Node) -> ServiceSpec:
     )
 
 
-def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
+def _kube_proxy(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     svc = ctx.config.services.kubeproxy
     builtin = {
         "cluster-cidr": ctx.config.services.kube_controller.cluster_cidr,
@@ -467,6 +529,7 @@ def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
         ctx,
         "kube-proxy",
         svc,
+        cert_hashes,
         args=render_args(builtin, ctx.info.component_flags("kube-proxy"), svc),
         binds=[
             f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
@@ -482,42 +545,26 @@ def _kube_proxy(ctx: _Context, node: Node) -> ServiceSpec:
 # --- nodes ---------------------------------------------------------------------------------
 
 
-def _services(ctx: _Context, node: Node) -> tuple[ServiceSpec, ...]:
+def _services(
+    ctx: _Context, node: Node, cert_hashes: Mapping[str, str]
+) -> tuple[ServiceSpec, ...]:
     """The node's containers in start order: etcd, the sidekick, control plane, local proxy,
-    kubelet, proxy."""
+    kubelet, proxy. `cert_hashes`: the node's certificates, by name."""
     roles = set(node.role)
     out: list[ServiceSpec] = []
     if "etcd" in roles:
-        out.append(_etcd(ctx, node))
+        out.append(_etcd(ctx, node, cert_hashes))
     out.append(ctx.sidekick)
     if "controlplane" in roles:
         out += [
-            _kube_apiserver(ctx, node),
-            _kube_controller_manager(ctx, node),
-            _kube_scheduler(ctx, node),
+            _kube_apiserver(ctx, node, cert_hashes),
+            _kube_controller_manager(ctx, node, cert_hashes),
+            _kube_scheduler(ctx, node, cert_hashes),
         ]
     else:
         out.append(ctx.nginx_proxy)
-    out += [_kubelet(ctx, node), _kube_proxy(ctx, node)]
+    out += [_kubelet(ctx, node, cert_hashes), _kube_proxy(ctx, node, cert_hashes)]
     return tuple(out)
-
-
-_CERT_FILE = re.compile(r"/etc/kubernetes/ssl/(?:kubecfg-)?([A-Za-z0-9.-]+?)(?:-key)?\.(?:pem|yaml)")
-
-
-def _with_cert_label(spec: ServiceSpec, cert_hashes: dict[str, str]) -> ServiceSpec:
-    """Label a spec with the hash of the certificates it reads (`cert_hashes`: the node's, by
-    name), so that a certificate change (a new SAN, a rotation) restarts exactly the services
-    that use it, health-gated."""
-    text = " ".join(spec.args + spec.env + spec.command)
-    used = set(_CERT_FILE.findall(text))
-    if "kube-node" in used:  # kubecfg-kube-node.yaml points at the node's own identity
-        used |= {name for name in cert_hashes if name.startswith("kube-node-")}
-    hashes = sorted(f"{name}={cert_hashes[name]}" for name in used if name in cert_hashes)
-    if not hashes:
-        return spec
-    label = ("io.rkel.certs", sha256_hex(",".join(hashes))[:16])
-    return replace(spec, labels=tuple(sorted(spec.labels + (label,))))
 
 
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
@@ -530,11 +577,11 @@ def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
         internal_address=node.internal,
         port=node.port,
         user=node.user,
-        roles=tuple(sorted(set(node.role))),
-        services=tuple(_with_cert_label(s, cert_hashes) for s in _services(ctx, node)),
+        roles=ctx.shared(tuple(sorted(set(node.role)))),
+        services=_services(ctx, node, cert_hashes),
         certs=node_certs,
-        labels=node_labels(node),
-        taints=node_taints(node),
+        labels=ctx.shared(node_labels(node)),
+        taints=ctx.shared(node_taints(node)),
     )
 
 

@@ -34,6 +34,7 @@ from lifecycle.spec import (
     NodeDesired,
     NodeRef,
     ServiceSpec,
+    SpecHashes,
     gc_paused,
     sha256_hex,
 )
@@ -147,13 +148,19 @@ _canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), defaul
 
 def _fields_or_str(value: Any) -> Any:
     """The encoder's fallback for `_canonical_values_json`: a dataclass as a dict of its
-    fields (the encoder then goes on into them), anything else as canonical_json does."""
-    if is_dataclass(value) and not isinstance(value, type):
-        names = _FIELD_NAMES.get(type(value))
-        if names is None:
-            names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
-        return {name: getattr(value, name) for name in names}
-    return str(value)
+    fields (the encoder then goes on into them), anything else as canonical_json does.
+
+    The dict is the instance's own `__dict__` when that holds exactly the fields (as a
+    dataclass's __init__ sets them): no copy for each of the state's many values."""
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        if not is_dataclass(value) or isinstance(value, type):
+            return str(value)
+        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+    state = getattr(value, "__dict__", None)
+    if state is not None and tuple(state) == names:
+        return state
+    return {name: getattr(value, name) for name in names}
 
 
 # canonical_json(as_data(value)), without building the whole dict tree first: the same text.
@@ -166,8 +173,9 @@ class _Lookups:
     """What one diff looks up many times, built once per call: nodes by name (the first of a
     name, as `Current.node` and `Desired.node` give), and the hashes `ServiceSpec.hash`,
     `CertRequest.hash`, `NodeDesired.certs_hash` and `Desired.fingerprint`, by the same formulas
-    (tests check they agree) but from `as_data`, each computed once. Hashes are keyed by object
-    identity; the objects are kept referenced here, so an id cannot be reused meanwhile."""
+    (tests check they agree) but from `SpecHashes` and `as_data`, each computed once. Hashes
+    are keyed by object identity; the objects are kept referenced here, so an id cannot be
+    reused meanwhile."""
 
     def __init__(self, current: Current, desired: Desired) -> None:
         self.current: dict[str, CurrentNode] = {}
@@ -177,27 +185,16 @@ class _Lookups:
         for want in desired.nodes:
             self.desired.setdefault(want.name, want)
         self._specs: dict[int, tuple[ServiceSpec, str]] = {}
+        self._spec_hashes = SpecHashes()
         self._certs: dict[int, tuple[CertRequest, str]] = {}
         self._nodes: dict[int, tuple[NodeDesired, str]] = {}
 
     def spec(self, spec: ServiceSpec) -> str:
         """`spec.hash`."""
-        return self.spec_and_data(spec)[0]
-
-    def spec_and_data(self, spec: ServiceSpec) -> tuple[str, dict[str, Any] | None]:
-        """`spec.hash`, and `as_data(spec)` when it had to be made for it (the caller's to keep;
-        None when the hash was known)."""
         hit = self._specs.get(id(spec))
-        if hit is not None:
-            return hit[1], None
-        data = as_data(spec)
-        hashed = dict(data)
-        del hashed["bootstrap_args"]
-        if not hashed["volumes_from"]:
-            del hashed["volumes_from"]  # as ServiceSpec.hash: old specs hash as they did
-        digest = sha256_hex(_canonical_json(hashed))[:16]
-        self._specs[id(spec)] = (spec, digest)
-        return digest, data
+        if hit is None:
+            hit = self._specs[id(spec)] = (spec, self._spec_hashes(spec))
+        return hit[1]
 
     def cert(self, cert: CertRequest) -> str:
         hit = self._certs.get(id(cert))
@@ -395,10 +392,9 @@ def _service_steps(
             continue
         have = cur.service(spec.name) if cur else None
         base = f"{want.name}:{spec.name}"
-        spec_hash, data = hashes.spec_and_data(spec)  # hashed here: the fingerprint needs it
+        spec_hash = hashes.spec(spec)  # hashed here whatever happens: the fingerprint needs it
         if have is None or have.state in ("absent", "certs") or not have.spec_hash:
-            steps.append(Step(f"{base}:start", want.name, "start", spec.name,
-                              data or as_data(spec)))
+            steps.append(Step(f"{base}:start", want.name, "start", spec.name, as_data(spec)))
         elif have.spec_hash != spec_hash or have.state != "running":
             old, new = set(have.args), set(spec.args)
             steps.append(
@@ -407,7 +403,7 @@ def _service_steps(
                     want.name,
                     "replace",
                     spec.name,
-                    data or as_data(spec),
+                    as_data(spec),
                     old_image=have.image,
                     old_hash=have.spec_hash,
                     args_removed=tuple(sorted(old - new)) if have.args else (),

@@ -11,7 +11,7 @@ import functools
 import gc
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -39,9 +39,14 @@ def gc_paused(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+# What json.dumps(value, sort_keys=True, separators=(",", ":"), default=str) does, without
+# building an encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: the same value always gives the same text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL.encode(value)
 
 
 def sha256_hex(text: str) -> str:
@@ -113,6 +118,48 @@ class ServiceSpec:
             bootstrap_args=tuple(data.get("bootstrap_args", ())),
             volumes_from=tuple(data.get("volumes_from", ())),
         )
+
+
+def _asdict_or_str(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return str(value)
+
+
+# canonical_json(asdict(x)) of a field value x, as one piece of canonical_json(asdict(spec)).
+_field_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_asdict_or_str).encode
+# ServiceSpec.hash's fields in the order canonical_json writes them (sorted), with their keys.
+_HASHED_FIELDS = tuple(
+    (f.name, f'"{f.name}":') for f in sorted(fields(ServiceSpec), key=lambda f: f.name)
+    if f.name != "bootstrap_args"
+)
+
+
+class SpecHashes:
+    """`ServiceSpec.hash` of many specs: the same text is hashed, but assembled from the JSON of
+    each field value, made once per value object. `compile_desired` shares equal binds, env,
+    labels and health checks between nodes, so most of a spec's text is encoded once per
+    cluster instead of once per node; only the arguments (they name the node) are encoded
+    each time. Values are kept referenced, so an id cannot be reused while this lives."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, spec: ServiceSpec) -> str:
+        parts = []
+        for name, key in _HASHED_FIELDS:
+            value = getattr(spec, name)
+            if name == "args":
+                parts.append(key + _field_json(value))
+            elif value or name != "volumes_from":  # as ServiceSpec.hash drops it when empty
+                parts.append(key + self._json(value))
+        return sha256_hex("{" + ",".join(parts) + "}")[:16]
+
+    def _json(self, value: Any) -> str:
+        hit = self._texts.get(id(value))
+        if hit is None:
+            hit = self._texts[id(value)] = (value, _field_json(value))
+        return hit[1]
 
 
 @dataclass(frozen=True)
