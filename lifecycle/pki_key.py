@@ -55,7 +55,8 @@ def _lost_key_error(state_path: Path, key_path: Path) -> StateError:
         f"the state {state_path} holds encrypted private keys (the cluster's CAs among them) "
         f"but its state key is missing: expected it in {key_path} or in {STATE_KEY_ENV}. "
         f"Without it the private keys cannot be recovered. Restore {key_path} from a backup "
-        f"of the state key, or set {STATE_KEY_ENV} to the key; rkel will not mint a new CA "
+        f"of the state key (a bundle of `rkel state export`: `rkel --state NEW state unpack "
+        f"BUNDLE` writes both), or set {STATE_KEY_ENV} to the key; rkel will not mint a new CA "
         "over a running cluster"
     )
 

@@ -10,14 +10,18 @@ state is reported instead of refused. Never prints key material. Registered on `
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from lifecycle.bundle import check_passphrase, export_bundle, unpack_bundle
 from lifecycle.cli import _emit, _fail, _g, state_app
 from lifecycle.errors import RkelError, StateError
 from lifecycle.pki_key import load_state_key
@@ -156,3 +160,63 @@ def state_verify(ctx: typer.Context) -> None:
     if not all(c.ok for c in checks):
         raise typer.Exit(StateError.exit_code)
 
+
+
+# ---------------------------------------------------------------------------- bundles
+PASSPHRASE_ENV = "RKEL_BUNDLE_PASSPHRASE"
+PASSPHRASE_FILE = Annotated[Optional[Path], typer.Option(
+    help=f"Read the passphrase from this file (else ${PASSPHRASE_ENV}, else a prompt).")]
+
+
+def _passphrase(source: Path | None, confirm: bool) -> str:
+    if source is not None:
+        try:
+            return source.read_text().rstrip("\n")
+        except OSError as exc:
+            raise StateError(f"cannot read the passphrase file {source}: {exc.strerror}") from None
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        raise StateError(f"no passphrase: give --passphrase-file or set {PASSPHRASE_ENV}"
+                         " (not on a terminal, so rkel cannot ask)")
+    return str(typer.prompt("Bundle passphrase", hide_input=True,
+                            confirmation_prompt=confirm, err=True))
+
+
+@state_app.command("export")
+def state_export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="The bundle file to write (refused if it exists).")],
+    passphrase_file: PASSPHRASE_FILE = None,
+) -> None:
+    """Write the state and its state key into one passphrase-encrypted bundle (keep it away
+    from this machine: without the key, the cluster's private keys cannot be recovered)."""
+    g = _g(ctx)
+    path = g.state or default_state_path(g.config)
+    try:
+        if not path.is_file():
+            raise StateError(f"there is no state at {path}; pass --state, or -c its cluster.yml")
+        secret = check_passphrase(_passphrase(passphrase_file, confirm=True))
+        with Store.open(path) as store:
+            info = export_bundle(store, out, secret)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    _emit(g, f"Wrote the state bundle {out} (mode 0600; state and key, encrypted with the"
+             " passphrase). Unpack it with `rkel --state PATH state unpack BUNDLE`.", info)
+
+
+@state_app.command("unpack")
+def state_unpack(
+    ctx: typer.Context,
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by `rkel state export`.")],
+    passphrase_file: PASSPHRASE_FILE = None,
+) -> None:
+    """Write a bundle's state (to --state, default beside cluster.yml) and its state key
+    beside it; refused if either exists."""
+    g = _g(ctx)
+    path = g.state or default_state_path(g.config)
+    try:
+        info = unpack_bundle(bundle, _passphrase(passphrase_file, confirm=False), path)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    _emit(g, f"Unpacked {bundle}: state {info['state']}, key {info['key']} (both 0600).", info)
