@@ -21,13 +21,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
-from lifecycle.config.model import BaseService, ClusterConfig, Node
+from lifecycle.config.model import BaseService, ClusterConfig, KubeAPIService, Node
 from lifecycle.desired_args import (
     CONTROLPLANE_TAINT,
+    flag_overrides,
     has_registry_host,
     kubelet_may_set_label,
     merge_flags,
@@ -47,7 +47,7 @@ from lifecycle.spec import (
     NodeDesired,
     ServiceSpec,
     Strategy,
-    canonical_json,
+    cert_hash,
     gc_paused,
     sha256_hex,
 )
@@ -66,7 +66,6 @@ SIDEKICK = "service-sidekick"  # carries /opt/rke-tools (entrypoint.sh) to the c
 ETCD_BOOTSTRAP_FLAGS = ("initial-cluster", "initial-cluster-state", "initial-cluster-token")
 ETCD_CLUSTER_TOKEN = "etcd-cluster-1"
 DOCKER_ROOT_DIR = "/var/lib/docker"  # RKE reads it from `docker info`; the spec stays host-free
-_CERT_FIELDS = tuple(f.name for f in fields(CertRequest))
 # The same on every node (values: shared rather than built again for each of thousands).
 _APISERVER_HEALTH = HealthCheck(
     url="https://127.0.0.1:6443/healthz", client_cert=certs.KUBE_ADMIN, expect="ok"
@@ -147,11 +146,22 @@ class _Context:
         self.cp_nodes = sorted(config.nodes_with("controlplane"), key=lambda n: n.name)
         self.rbac = config.authorization.mode == "rbac"
         self.cri_dockerd = config.enable_cri_dockerd is not False  # RKE: true from 1.24 on
+        # Per-version defaults and extra_args, normalised once per compile (see flag_overrides).
+        self.flags = {
+            name: flag_overrides(
+                _apiserver_defaults(info, s.kube_api) if name == "kube-apiserver"
+                else info.component_flags(name),
+                svc,
+            )
+            for name, svc in {**kube_services, "etcd": s.etcd}.items()
+        }
         self._shared: dict[Any, Any] = {}
+        self._unique: dict[tuple[str, ...], tuple[str, ...]] = {}
         # The same on every node: built once, shared by the nodes (values, so sharing is safe;
         # and a diff then hashes them once).
         self.sidekick = _sidekick(self)
         self.nginx_proxy = _nginx_proxy(self)
+        self.kubelet_mounts = _kubelet_mounts(self)
         self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
 
     def shared(self, value: V) -> V:
@@ -160,15 +170,21 @@ class _Context:
         time (every pass visits each of their items)."""
         return self._shared.setdefault(value, value)  # type: ignore[no-any-return]
 
+    def unique(self, items: list[str]) -> tuple[str, ...]:
+        """`unique(items)`, shared: computed once per distinct list (most nodes' binds and env
+        are the same), then a dict look-up."""
+        key = tuple(items)
+        hit = self._unique.get(key)
+        if hit is None:
+            hit = self._unique[key] = self.shared(unique(key))
+        return hit
+
     def cert(self, request: CertRequest) -> tuple[CertRequest, str]:
         """One shared object per distinct certificate request, with its hash (each computed
         once per compile: most requests, such as kube-ca's, are the same on every node)."""
         hit = self._certs.get(request)
         if hit is None:
-            # CertRequest.hash, without asdict's deep copy: its fields are strings and tuples
-            # of strings, so the JSON is the same.
-            data = {f: getattr(request, f) for f in _CERT_FIELDS}
-            hit = self._certs[request] = (request, sha256_hex(canonical_json(data))[:16])
+            hit = self._certs[request] = (request, cert_hash(request))
         return hit
 
     def _image(self, image: str) -> str:
@@ -202,12 +218,12 @@ def _spec(
     for key in ("command", "volumes_from"):
         if key in fields:
             fields[key] = ctx.shared(fields[key])
-    shared_env = ctx.shared(unique(env))
+    shared_env = ctx.unique(env)
     reads = fields.get("args", ()) + shared_env + fields.get("command", ())
     return ServiceSpec(
         name=name,
         image=ctx.images[name],
-        binds=ctx.shared(unique(binds)),
+        binds=ctx.unique(binds),
         env=shared_env,
         labels=ctx.shared(_labels(name, reads, cert_hashes)),
         **fields,
@@ -287,7 +303,7 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
         "initial-cluster-state": "new",
         "initial-cluster-token": ETCD_CLUSTER_TOKEN,
     }
-    merged = merge_flags(builtin, ctx.info.component_flags("etcd"), svc)
+    merged = merge_flags(builtin, ctx.flags["etcd"])
     bootstrap = {k: merged.pop(k) for k in ETCD_BOOTSTRAP_FLAGS if k in merged}
     endpoint = "127.0.0.1" if listen == "0.0.0.0" else node.internal
     return _spec(
@@ -315,6 +331,16 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
             expect='"health":"true"',
         ),
     )
+
+
+def _apiserver_defaults(info: VersionInfo, api: KubeAPIService) -> dict[str, str]:
+    """kube-apiserver's per-version default flags, as RKE adjusts them: AlwaysPullImages
+    appended to whatever list the version gives. (EventRateLimit is not added: it needs an
+    admission configuration file, which nothing delivers yet.)"""
+    defaults = info.component_flags("kube-apiserver")
+    if api.always_pull_images and defaults.get("enable-admission-plugins"):
+        defaults["enable-admission-plugins"] += ",AlwaysPullImages"
+    return defaults
 
 
 def _kube_apiserver(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
@@ -354,17 +380,12 @@ def _kube_apiserver(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -
         builtin["authorization-mode"] = "Node,RBAC"
     if cfg.services.kubelet.generate_serving_certificate:
         builtin["kubelet-certificate-authority"] = certs.cert_path(certs.KUBE_CA)
-    defaults = ctx.info.component_flags("kube-apiserver")
-    # RKE appends AlwaysPullImages to whatever list the version defaults give. (EventRateLimit
-    # is not added: it needs an admission configuration file, which nothing delivers yet.)
-    if api.always_pull_images and defaults.get("enable-admission-plugins"):
-        defaults["enable-admission-plugins"] += ",AlwaysPullImages"
     return _component(
         ctx,
         "kube-apiserver",
         api,
         cert_hashes,
-        args=render_args(builtin, defaults, api),
+        args=render_args(builtin, ctx.flags["kube-apiserver"], api),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_APISERVER_HEALTH,
     )
@@ -391,7 +412,7 @@ def _kube_controller_manager(
         "kube-controller-manager",
         svc,
         cert_hashes,
-        args=render_args(builtin, ctx.info.component_flags("kube-controller-manager"), svc),
+        args=render_args(builtin, ctx.flags["kube-controller-manager"], svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_CONTROLLER_MANAGER_HEALTH,
     )
@@ -410,7 +431,7 @@ def _kube_scheduler(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -
         "kube-scheduler",
         svc,
         cert_hashes,
-        args=render_args(builtin, ctx.info.component_flags("kube-scheduler"), svc),
+        args=render_args(builtin, ctx.flags["kube-scheduler"], svc),
         binds=[f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes"],
         health=_SCHEDULER_HEALTH,
     )
@@ -444,6 +465,40 @@ def _nginx_proxy(ctx: _Context) -> ServiceSpec:
     )
 
 
+def _kubelet_mounts(ctx: _Context) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The kubelet's binds and env: the same on every node, so built once per compile."""
+    binds: list[str] = []
+    env: list[str] = []
+    if ctx.cri_dockerd:
+        binds.append(f"{ctx.host('/var/lib/cri-dockerd')}:/var/lib/cri-dockerd")
+        env.append("RKE_KUBELET_CRIDOCKERD=true")
+    kubelet_dir = ctx.host("/var/lib/kubelet")
+    binds += [
+        f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
+        "/etc/cni:/etc/cni:rw",
+        "/opt/cni:/opt/cni:rw",
+        f"{ctx.host('/var/lib/cni')}:/var/lib/cni",
+        "/var/lib/calico:/var/lib/calico",
+        "/etc/resolv.conf:/etc/resolv.conf",
+        "/sys:/sys:rprivate",
+        f"{DOCKER_ROOT_DIR}:{DOCKER_ROOT_DIR}:rw,rslave",
+        f"{kubelet_dir}:{kubelet_dir}:shared",
+        "/var/lib/rancher:/var/lib/rancher:shared",
+        "/var/run:/var/run:rw,rprivate",
+        "/run:/run:rprivate",
+        f"{ctx.host('/etc/ceph')}:/etc/ceph",
+        "/dev:/host/dev:rprivate",
+        "/var/log/containers:/var/log/containers",
+        "/var/log/pods:/var/log/pods",
+        "/usr:/host/usr:ro",
+        "/etc:/host/etc:ro",
+    ]
+    if kubelet_dir != "/var/lib/kubelet":
+        # RKE's special case so flex volume plugins keep working under a prefix.
+        binds.append("/var/lib/kubelet/volumeplugins:/var/lib/kubelet/volumeplugins:shared")
+    return tuple(binds), tuple(env)
+
+
 def _kubelet(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     cfg = ctx.config
     svc = cfg.services.kubelet
@@ -471,45 +526,18 @@ def _kubelet(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> Servi
         serving = certs.kubelet_serving_cert_name(node)
         builtin["tls-cert-file"] = certs.cert_path(serving)
         builtin["tls-private-key-file"] = certs.key_path(serving)
-    binds: list[str] = []
-    env: list[str] = []
     if ctx.cri_dockerd:
         builtin["container-runtime-endpoint"] = "unix:///var/run/cri-dockerd.sock"
-        binds.append(f"{ctx.host('/var/lib/cri-dockerd')}:/var/lib/cri-dockerd")
-        env.append("RKE_KUBELET_CRIDOCKERD=true")
     nodelocal = ((cfg.dns or {}).get("nodelocal") or {}).get("ip_address")
     if nodelocal:
         builtin["cluster-dns"] = str(nodelocal)
-    kubelet_dir = ctx.host("/var/lib/kubelet")
-    binds += [
-        f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
-        "/etc/cni:/etc/cni:rw",
-        "/opt/cni:/opt/cni:rw",
-        f"{ctx.host('/var/lib/cni')}:/var/lib/cni",
-        "/var/lib/calico:/var/lib/calico",
-        "/etc/resolv.conf:/etc/resolv.conf",
-        "/sys:/sys:rprivate",
-        f"{DOCKER_ROOT_DIR}:{DOCKER_ROOT_DIR}:rw,rslave",
-        f"{kubelet_dir}:{kubelet_dir}:shared",
-        "/var/lib/rancher:/var/lib/rancher:shared",
-        "/var/run:/var/run:rw,rprivate",
-        "/run:/run:rprivate",
-        f"{ctx.host('/etc/ceph')}:/etc/ceph",
-        "/dev:/host/dev:rprivate",
-        "/var/log/containers:/var/log/containers",
-        "/var/log/pods:/var/log/pods",
-        "/usr:/host/usr:ro",
-        "/etc:/host/etc:ro",
-    ]
-    if kubelet_dir != "/var/lib/kubelet":
-        # RKE's special case so flex volume plugins keep working under a prefix.
-        binds.append("/var/lib/kubelet/volumeplugins:/var/lib/kubelet/volumeplugins:shared")
+    binds, env = ctx.kubelet_mounts
     return _component(
         ctx,
         "kubelet",
         svc,
         cert_hashes,
-        args=render_args(builtin, ctx.info.component_flags("kubelet"), svc),
+        args=render_args(builtin, ctx.flags["kubelet"], svc),
         env=env,
         binds=binds,
         privileged=True,
@@ -530,7 +558,7 @@ def _kube_proxy(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> Se
         "kube-proxy",
         svc,
         cert_hashes,
-        args=render_args(builtin, ctx.info.component_flags("kube-proxy"), svc),
+        args=render_args(builtin, ctx.flags["kube-proxy"], svc),
         binds=[
             f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
             "/run:/run",

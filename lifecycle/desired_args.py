@@ -50,32 +50,33 @@ def has_registry_host(image: str) -> bool:
 
 
 def render_args(
-    builtin: Mapping[str, str],
-    version_defaults: Mapping[str, str],
-    service: BaseService,
+    builtin: Mapping[str, str], overrides: Mapping[str, str], service: BaseService
 ) -> tuple[str, ...]:
     """RKE's precedence, rendered: sorted `--flag=value` from the merged map, then array flags."""
-    merged = merge_flags(builtin, version_defaults, service)
-    return render(merged, service)
+    return render(merge_flags(builtin, overrides), service)
 
 
-def merge_flags(
-    builtin: Mapping[str, str], version_defaults: Mapping[str, str], service: BaseService
+def flag_overrides(
+    version_defaults: Mapping[str, str], service: BaseService
 ) -> dict[str, str]:
-    merged = {k: v for k, v in builtin.items() if v != ""}
+    """The flags the per-version defaults and `extra_args` set, as merged on top of the built-in
+    ones (later layers win; "" deletes the flag). They are the same on every node, so the
+    compiler normalises them once per component instead of once per node."""
+    overrides: dict[str, str] = {}
     for layer in (version_defaults, service.extra_args):
         for key, value in layer.items():
-            flag = key.lstrip("-")
-            value = flag_text(value)
-            if value == "":
-                merged.pop(flag, None)
-            else:
-                merged[flag] = value
-    return merged
+            overrides[key.lstrip("-")] = flag_text(value)
+    return overrides
+
+
+def merge_flags(builtin: Mapping[str, str], overrides: Mapping[str, str]) -> dict[str, str]:
+    """RKE's precedence: the built-in flags, then `overrides` (see `flag_overrides`); a flag
+    whose last value is "" is absent."""
+    return {k: v for k, v in {**builtin, **overrides}.items() if v != ""}
 
 
 def render(merged: Mapping[str, str], service: BaseService) -> tuple[str, ...]:
-    args = [f"--{k}={merged[k]}" for k in sorted(merged)]
+    args = [f"--{k}={v}" for k, v in sorted(merged.items())]  # by key: keys are unique
     for key in sorted(service.extra_args_array):
         flag = key.lstrip("-")
         args += [f"--{flag}={flag_text(v)}" for v in service.extra_args_array[key]]

@@ -11,8 +11,10 @@ import functools
 import gc
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, Callable, TypeVar
+from operator import attrgetter
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -133,32 +135,73 @@ _HASHED_FIELDS = tuple(
     (f.name, f'"{f.name}":') for f in sorted(fields(ServiceSpec), key=lambda f: f.name)
     if f.name != "bootstrap_args"
 )
+# The hashed fields that differ from node to node (the arguments name the node, the labels
+# carry its certificates' hash), and the others, which most nodes share.
+_VARYING = ("args", "labels")
+_varying_values = attrgetter(*_VARYING)
+_SHARED_FIELDS = tuple(name for name, _ in _HASHED_FIELDS if name not in _VARYING)
+_shared_values = attrgetter(*_SHARED_FIELDS)
+_encode_str = json.encoder.encode_basestring_ascii
+
+
+def strings_json(items: Sequence[str]) -> str:
+    """canonical_json of a sequence of strings, faster: one join, and one escaping pass to check
+    that no string needs escaping (escaping always lengthens the text); else the encoder."""
+    if not items:
+        return "[]"
+    joined = "".join(items)
+    if len(_encode_str(joined)) == len(joined) + 2:
+        return '["' + '","'.join(items) + '"]'
+    return canonical_json(items)
+
+
+def _pairs_json(pairs: Sequence[Sequence[str]]) -> str:
+    """canonical_json of pairs of strings (labels), faster (see `strings_json`)."""
+    return "[" + ",".join(map(strings_json, pairs)) + "]"
 
 
 class SpecHashes:
-    """`ServiceSpec.hash` of many specs: the same text is hashed, but assembled from the JSON of
-    each field value, made once per value object. `compile_desired` shares equal binds, env,
-    labels and health checks between nodes, so most of a spec's text is encoded once per
-    cluster instead of once per node; only the arguments (they name the node) are encoded
-    each time. Values are kept referenced, so an id cannot be reused while this lives."""
+    """`ServiceSpec.hash` of many specs: the same text is hashed, but assembled from pieces made
+    once. `compile_desired` shares equal binds, env, health checks... between nodes, so the
+    text around the arguments and labels is the same for most specs: it is made once per
+    distinct combination of those shared value objects (keyed by their ids), from the JSON of
+    each value, itself made once per value object. Values are kept referenced, so an id cannot
+    be reused while this lives."""
 
     def __init__(self) -> None:
         self._texts: dict[int, tuple[Any, str]] = {}
+        self._frames: dict[tuple[int, ...], tuple[Any, tuple[str, str, str]]] = {}
 
     def __call__(self, spec: ServiceSpec) -> str:
-        parts = []
+        shared = _shared_values(spec)
+        key = tuple(map(id, shared))
+        hit = self._frames.get(key)
+        if hit is None:
+            hit = self._frames[key] = (shared, self._frame(spec))
+        before, between, after = hit[1]
+        args, labels = _varying_values(spec)
+        text = before + strings_json(args) + between + self._json(labels, _pairs_json) + after
+        return sha256_hex(text)[:16]
+
+    def _frame(self, spec: ServiceSpec) -> tuple[str, str, str]:
+        """The spec's JSON text before its arguments, between them and its labels, and after."""
+        pieces, parts = [], []
         for name, key in _HASHED_FIELDS:
             value = getattr(spec, name)
-            if name == "args":
-                parts.append(key + _field_json(value))
+            if name in _VARYING:
+                parts.append(key)
+                pieces.append(",".join(parts))
+                parts = [""]
             elif value or name != "volumes_from":  # as ServiceSpec.hash drops it when empty
                 parts.append(key + self._json(value))
-        return sha256_hex("{" + ",".join(parts) + "}")[:16]
+        pieces.append(",".join(parts))
+        return "{" + pieces[0], pieces[1], pieces[2] + "}"
 
-    def _json(self, value: Any) -> str:
+    def _json(self, value: Any, encode: Callable[[Any], str] = _field_json) -> str:
+        """`_field_json(value)` (or `encode`, which gives the same text), once per object."""
         hit = self._texts.get(id(value))
         if hit is None:
-            hit = self._texts[id(value)] = (value, _field_json(value))
+            hit = self._texts[id(value)] = (value, encode(value))
         return hit[1]
 
 
@@ -175,6 +218,22 @@ class CertRequest:
     @property
     def hash(self) -> str:
         return sha256_hex(canonical_json(asdict(self)))[:16]
+
+
+# CertRequest's fields in the order canonical_json writes them (sorted), with their keys.
+_CERT_FIELDS = tuple(
+    (f.name, f'"{f.name}":') for f in sorted(fields(CertRequest), key=lambda f: f.name)
+)
+
+
+def cert_hash(request: CertRequest) -> str:
+    """`request.hash`, faster: its fields are strings and tuples of strings, so the same JSON is
+    written here directly (see `strings_json`) instead of through asdict and the encoder."""
+    parts = []
+    for name, key in _CERT_FIELDS:
+        value = getattr(request, name)
+        parts.append(key + (_encode_str(value) if type(value) is str else strings_json(value)))
+    return sha256_hex("{" + ",".join(parts) + "}")[:16]
 
 
 @dataclass(frozen=True)
