@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from lifecycle.config.model import ClusterConfig, Node
+from lifecycle.effects import OLD_PREFIX
 from lifecycle.errors import HostError
 from lifecycle.hosts import SERVICE_PORTS, Container
 from lifecycle.spec import NodeRef
@@ -322,7 +323,9 @@ def observe(host: CommandHost, node: Node, config: ClusterConfig,
     ok6, out6 = _run(host, PORTS_CMDS[1])
     if listening is not None and ok6:
         listening |= parse_listening(out6)
-    rkel_running = frozenset(c.name for c in host.containers().values()
+    # rkel's own: its containers, and the `old-<name>` copies a replacement sets aside (after a
+    # host died mid-replacement, restart=always brings the old copy back on the port)
+    rkel_running = frozenset(c.name.removeprefix(OLD_PREFIX) for c in host.containers().values()
                              if c.running and c.spec_hash)
     before = now()
     ok, out = _run(host, CLOCK_CMD)
@@ -365,9 +368,10 @@ def check_host(backend: DoctorBackend, node: Node, config: ClusterConfig,
 
 
 def run_doctor(backend: DoctorBackend, config: ClusterConfig, *, workers: int = DEFAULT_WORKERS,
-               now: Callable[[], float] = time.time) -> Report:
-    """Check every node of `config`, all at once (up to `workers`), sorted by node name."""
-    nodes = sorted(config.nodes, key=lambda n: n.name)
+               now: Callable[[], float] = time.time, skip: Collection[str] = ()) -> Report:
+    """Check every node of `config` but those named in `skip`, all at once (up to `workers`),
+    sorted by node name."""
+    nodes = sorted((n for n in config.nodes if n.name not in skip), key=lambda n: n.name)
     if not nodes:
         return Report(())
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(nodes)))) as pool:

@@ -112,6 +112,22 @@ def test_ports_held_by_rkels_own_running_containers_are_fine_but_not_a_lookalike
     assert ("cp", "ports") in failed(doctor.run_doctor(world.backend(), config()))
 
 
+def test_the_set_aside_copy_of_a_replacement_counts_as_rkels_own_and_skipped_hosts_are_not_checked() -> None:
+    # a host that died mid-replacement comes back with `old-kubelet` running (restart=always)
+    world = SimWorld()
+    world.set_host_facts("w1", listening=[10248, 10250])
+    world.hosts["w1"].containers["old-kubelet"] = SimContainer(
+        "old-kubelet", "rancher/hyperkube:v1.30.5-rancher1", "hash-of-the-old-spec", True)
+    report = doctor.run_doctor(world.backend(), config())
+    assert report.exit_code == 0, failed(report)
+    assert "10248 10250 used by rkel" in checks(report, "w1")["ports"].detail
+    world.hosts["w1"].containers["old-kubelet"] = SimContainer(
+        "old-kubelet", "someone/kubelet", "", True)  # not rkel's: no spec-hash label
+    assert failed(doctor.run_doctor(world.backend(), config())) == [("w1", "ports")]
+    # apply skips the nodes it already found unavailable
+    assert [h.node for h in doctor.run_doctor(world.backend(), config(), skip={"w1"}).hosts] == ["cp"]
+
+
 def test_old_docker_fails_unless_ignore_docker_version() -> None:
     world = SimWorld()
     world.set_host_facts("cp", docker_version="19.03.15")

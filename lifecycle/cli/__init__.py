@@ -28,7 +28,7 @@ from lifecycle.config import load_config
 from lifecycle.budget import check_budget
 from lifecycle.budget import windows as budget_windows
 from lifecycle.effects import READY_TIMEOUT
-from lifecycle.errors import ConfigError, RkelError
+from lifecycle.errors import ConfigError, PlanError, RkelError
 from lifecycle.executor import DEFAULT_WORKERS
 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 from lifecycle.machines import TABLES, mermaid
@@ -292,6 +292,10 @@ def apply(
                                 "control plane or versions (the rollback target); "
                                 "--no-snapshot skips it, and rollback to before this run.")
     ] = True,
+    skip_doctor: Annotated[
+        bool, typer.Option("--skip-doctor", help="Do not run `rkel doctor`'s checks (SSH, Docker "
+                           "version, ports, clock, disk) on the nodes before the run.")
+    ] = False,
 ) -> None:
     """Bring the cluster to what cluster.yml describes (or continue an interrupted run)."""
     g = _g(ctx)
@@ -322,6 +326,8 @@ def apply(
             if reason and not snapshot:
                 typer.echo(f"warning: --no-snapshot: {reason}, and no snapshot is taken first;"
                            " `rkel rollback` cannot return to the cluster as it is now", err=True)
+            if skip_doctor and not resume:
+                typer.echo("warning: --skip-doctor: the nodes are not checked before the run", err=True)
             applies = None
             if planned is not None and the_plan is not None and not only and (
                     planfile is None or the_plan.desired_fingerprint == planned.desired.fingerprint):
@@ -331,7 +337,7 @@ def apply(
                            node_ready_timeout=node_ready_timeout, confirm=confirm,
                            strategy=planned.desired.strategy if planned else None,
                            prepare=snapshot_first(g, store, reason) if reason and snapshot else None,
-                           applies=applies)
+                           applies=applies, run_doctor=not skip_doctor)
             if ran.session is not None and desired is not None and (not only or "controlplane" in only):
                 ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
     except RkelError as exc:
@@ -354,13 +360,15 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
              backend: BackendKind, resume: bool, workers: int, trust_new_hosts: bool,
              command: str, kind: str = "apply", node_ready_timeout: float = READY_TIMEOUT,
              confirm: Any = None, strategy: Any = None, prepare: Any = None,
-             applies: dict[str, str] | None = None) -> _Ran:
+             applies: dict[str, str] | None = None, run_doctor: bool = True) -> _Ran:
     """Run `the_plan` (or, with resume, the interrupted run) on the chosen backend, with
     progress on a terminal and notices on stderr.
 
     With a `strategy`, the nodes already in Kubernetes are checked first (reachable, Ready):
     the ones that are not are reported, skipped, and counted against the failure budget, and
-    the run is refused before anything changes when they use it up. `confirm` is asked after
+    the run is refused before anything changes when they use it up; then `rkel doctor`'s checks
+    run on the reachable nodes (real hosts, unless `run_doctor` is off) and a failed check
+    refuses the run too. `confirm` is asked after
     that check, so the user sees its findings first. `prepare(backend)` runs under the run's lock
     before a new run starts (the automatic snapshot); what it raises refuses the run.
     `applies`: the sealed cluster.yml the run applies (recorded when it ends well)."""
@@ -390,6 +398,8 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
                 typer.echo(f"warning: {line}", err=True)
             unavailable = {u.node: u.why for u in found}
             budgets = budget_windows(the_plan, strategy)
+            if session is not None and run_doctor and config is not None:
+                preflight_doctor(g, be, config, skip=unavailable)
         if confirm is not None:
             confirm()
         before_run = (lambda: prepare(be)) if prepare is not None else None
@@ -404,6 +414,21 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
     for n in notices:
         say(n)
     return _Ran(result, dict(sorted(getattr(be, "connections", {}).items())), session)
+
+
+def preflight_doctor(g: Globals, be: Any, config: Any, skip: dict[str, str]) -> None:
+    """`rkel doctor` before a run, on the run's own connections: a failed check refuses the run
+    before anything changes (the table and what to do for each failure)."""
+    from lifecycle import doctor as checks
+
+    report = checks.run_doctor(be, config, skip=skip)
+    if report.exit_code == 0:
+        if g.output is Output.text:
+            typer.echo(f"notice: doctor: all checks passed on {len(report.hosts)} host(s)", err=True)
+        return
+    raise PlanError("the checks before the run failed, so nothing was changed:\n"
+                    + checks.report_text(report)
+                    + "\nFix what is listed, or run with --skip-doctor to go ahead anyway.")
 
 
 def snapshot_first(g: Globals, store: Any, reason: str, required: bool = True) -> Any:

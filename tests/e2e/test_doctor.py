@@ -2,7 +2,8 @@
 non-root docker-group user `rkel`.
 
 One story on rkn1..rkn3: every check passes on fresh hosts; a stranger listening on the
-kubelet's port fails exactly that host's port check (exit 7); once rkel's own etcd runs, its
+kubelet's port fails exactly that host's port check (exit 7), and `rkel apply` refuses to start
+(exit 3, nothing changed); once rkel's own etcd runs, its
 ports count as fine; a stopped host is reported unreachable (exit 6) while the others are still
 checked.
 """
@@ -80,6 +81,12 @@ def test_a_stranger_on_the_kubelet_port_fails_that_host_only(story: Doctor) -> N
         assert "sport = :10250" in ports["fix"]
         failed = sorted((h, n) for h, got in checks.items() for n, c in got.items() if not c["ok"])
         assert failed == [("rkn2", "ports")]
+        # apply runs the same checks first and refuses, changing nothing
+        refused = story.apply()
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "10250 (kubelet)" in refused.stderr and "--skip-doctor" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert story.ssh("rkn1", "docker ps -aq").strip() == "", "apply changed a host"
     finally:
         story.ssh("rkn2", f"kill {pid}")
 
