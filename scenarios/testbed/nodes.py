@@ -36,6 +36,7 @@ from procs import (
     wait_gone,
 )
 
+SSHD = "/usr/sbin/sshd"
 DOCKER_CLI = "/usr/bin/docker"  # Debian's CLI, the same release as the hosts' engines
 # Per-host directories over the paths rkel's containers bind (the hosts share one filesystem).
 BIND_DIRS = {"etc-kubernetes": "/etc/kubernetes", "var-lib-etcd": "/var/lib/etcd", "opt-rke": "/opt/rke",
@@ -175,12 +176,7 @@ def node_script(sd: StateDir, host: Host) -> str:
     """The host's init: private mounts, then dockerd and sshd as children, waited for."""
     h = shlex.quote(str(sd.host_dir(host)))
     binds = "\n".join(f"mount --bind {h}/{src} {dst}" for src, dst in BIND_DIRS.items())
-    dockerd = " ".join([
-        "dockerd", f"--config-file {h}/daemon.json", f"--data-root {h}/docker",
-        "-H unix:///run/docker.sock", "--bridge=none", "--iptables=false", "--ip-masq=false",
-        "--exec-root /run/docker-exec", "--pidfile /run/docker.pid", f"--cgroup-parent={host.name}",
-        f"--insecure-registry {PUBLIC_NET}.0/24", f"--insecure-registry {PRIVATE_NET}.0/24",
-    ])
+    dockerd = shlex.join(dockerd_command(sd, host))
     return f"""#!/bin/sh
 # rkel testbed host {host.name} (generated): runs inside its own net, mount and UTS namespaces.
 set -e
@@ -194,9 +190,25 @@ chmod 0755 /run/sshd
 # first), so the kubelet's `:shared` and `:rslave` binds work.
 mount --make-rshared /
 {dockerd} >>{h}/dockerd.log 2>&1 &
-/usr/sbin/sshd -D -e -f {h}/sshd_config >>{h}/sshd.log 2>&1 &
+{shlex.join(sshd_command(sd, host))} >>{h}/sshd.log 2>&1 &
 wait
 """
+
+
+def dockerd_command(sd: StateDir, host: Host) -> list[str]:
+    """The host's dockerd, as node.sh starts it (and `start-dockerd` again)."""
+    h = str(sd.host_dir(host))
+    return [
+        "dockerd", f"--config-file={h}/daemon.json", f"--data-root={h}/docker",
+        "-H", "unix:///run/docker.sock", "--bridge=none", "--iptables=false", "--ip-masq=false",
+        "--exec-root=/run/docker-exec", "--pidfile=/run/docker.pid", f"--cgroup-parent={host.name}",
+        f"--insecure-registry={PUBLIC_NET}.0/24", f"--insecure-registry={PRIVATE_NET}.0/24",
+    ]
+
+
+def sshd_command(sd: StateDir, host: Host) -> list[str]:
+    """The host's sshd, as node.sh starts it (and `start-sshd` again)."""
+    return [SSHD, "-D", "-e", "-f", str(sd.host_dir(host) / "sshd_config")]
 
 
 def start_host(sd: StateDir, host: Host) -> ProcRecord:
@@ -320,3 +332,67 @@ def stop_hosts(sd: StateDir, entries: list[tuple[Host, HostProcs]], graceful: bo
         log(f"SIGKILLed what was left in the hosts' cgroups and namespaces: {' '.join(leftovers)}")
     for host, _ in entries:
         remove_cgroups(host.name)
+
+
+def daemon_pids(host: Host, exe: str) -> set[int]:
+    """Pids in the host's network namespace running `exe` (sshd: the listener and its sessions)."""
+    found = set()
+    for pid in netns_pids(host.netns):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == exe:
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def in_host(leader: ProcRecord, cmd: list[str]) -> list[str]:
+    """`cmd` inside a running host's namespaces (network, its private mounts, hostname)."""
+    return ["nsenter", f"--target={leader.pid}", "--mount", "--net", "--uts", *cmd]
+
+
+def stop_sshd(host: Host) -> None:
+    """Kill the host's sshd and every SSH session it serves, as a crashed SSH service would."""
+    deadline = time.monotonic() + 10
+    while pids := daemon_pids(host, SSHD):
+        kill_pids(pids)
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{host.name}: sshd pids {sorted(pids)} survive SIGKILL")
+        time.sleep(0.1)
+
+
+def start_sshd(sd: StateDir, host: Host, leader: ProcRecord, via: Host | None) -> None:
+    if daemon_pids(host, SSHD):
+        return
+    launch(in_host(leader, sshd_command(sd, host)), sd.host_dir(host) / "sshd.log")
+    deadline = time.monotonic() + 30
+    while ssh_banner(host, via if host.private else None) is None:
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{host.name}: sshd did not answer again (see {sd.host_dir(host)}/sshd.log)")
+        time.sleep(0.3)
+
+
+def stop_dockerd(sd: StateDir, host: Host, recorded: ProcRecord | None, timeout: float = 30) -> None:
+    """Stop the host's dockerd as `systemctl stop docker` does: SIGTERM, which stops its containers."""
+    rec = dockerd_record(sd, host) or recorded
+    signal_record(rec, signal.SIGTERM)
+    if not wait_gone([rec], timeout):
+        log(f"{host.name}: dockerd did not stop within {timeout:.0f}s; killing it")
+        signal_record(rec, signal.SIGKILL)
+        wait_gone([rec], 5)
+    kill_pids(cgroup_pids(host.name))
+
+
+def start_dockerd(sd: StateDir, host: Host, leader: ProcRecord) -> ProcRecord | None:
+    current = dockerd_record(sd, host)
+    if current is not None:
+        return current
+    for stale in ("docker.pid", "docker.sock"):
+        (sd.host_dir(host) / "run" / stale).unlink(missing_ok=True)
+    launch(in_host(leader, dockerd_command(sd, host)), sd.host_dir(host) / "dockerd.log")
+    deadline = time.monotonic() + 60
+    while docker_info(sd, host) is None:
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{host.name}: dockerd did not answer again (see {sd.host_dir(host)}/dockerd.log)")
+        time.sleep(0.3)
+    return dockerd_record(sd, host)

@@ -359,6 +359,39 @@ def cmd_link(sd: StateDir, args: argparse.Namespace) -> int:
     return 0
 
 
+def running_leader(state: State, host: Host) -> ProcRecord:
+    leader = state.hosts.get(host.name, HostProcs()).leader
+    if not alive(leader):
+        raise TestbedError(f"{host.name} is not running (start-host {host.index} first)")
+    assert leader is not None
+    return leader
+
+
+def cmd_daemon(sd: StateDir, args: argparse.Namespace) -> int:
+    """`stop-sshd|start-sshd|stop-dockerd|start-dockerd I`: one daemon of a running host."""
+    check_root()
+    state = State.load(sd)
+    host = pick_host(state, args.index)
+    leader = running_leader(state, host)
+    action, daemon = args.command.split("-")
+    if daemon == "sshd":
+        bastion = next((h for h in state.topology() if h.bastion), None)
+        if action == "stop":
+            nodes.stop_sshd(host)
+        else:
+            nodes.start_sshd(sd, host, leader, bastion)
+    else:
+        recorded = state.hosts[host.name].dockerd
+        if action == "stop":
+            nodes.stop_dockerd(sd, host, recorded)
+            state.hosts[host.name] = HostProcs(leader)
+        else:
+            state.hosts[host.name] = HostProcs(leader, nodes.start_dockerd(sd, host, leader))
+        state.save(sd)
+    print(f"{host.name}: {daemon} {'stopped' if action == 'stop' else 'started'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,7 +417,11 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("stop-host", "stop one host's sshd and dockerd"),
                        ("start-host", "start a stopped host again"),
                        ("partition", "cut a host off the network (veth down)"),
-                       ("heal", "reconnect a partitioned host (veth up)")):
+                       ("heal", "reconnect a partitioned host (veth up)"),
+                       ("stop-sshd", "kill one host's sshd and its sessions (dockerd stays)"),
+                       ("start-sshd", "start a host's sshd again"),
+                       ("stop-dockerd", "stop one host's dockerd and its containers (sshd stays)"),
+                       ("start-dockerd", "start a host's dockerd again")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("index", type=int, help="host number I (rknI; 0 = bastion)")
         if name == "stop-host":
@@ -393,7 +430,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "stop-host": cmd_stop_host,
-            "start-host": cmd_start_host, "partition": cmd_link, "heal": cmd_link}
+            "start-host": cmd_start_host, "partition": cmd_link, "heal": cmd_link,
+            "stop-sshd": cmd_daemon, "start-sshd": cmd_daemon, "stop-dockerd": cmd_daemon,
+            "start-dockerd": cmd_daemon}
 
 
 def main(argv: list[str] | None = None) -> int:
