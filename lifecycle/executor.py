@@ -23,7 +23,7 @@ from lifecycle import effects, restore
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
-from lifecycle.plan import Group, Plan, Step, Unit
+from lifecycle.plan import FORGET_PATHS, Group, Plan, Step, Unit
 from lifecycle.spec import CertRequest, ServiceSpec
 from store import DeleteNode, DeleteService, SetMeta, Store, UpsertNode, UpsertService
 
@@ -447,7 +447,8 @@ class Executor:
                     host.remove_container(container.name)
             host.remove_paths(list((step.detail or {}).get("paths", [])))
         elif action == "forget-node":
-            self.backend.host(ref).remove_paths(["/etc/kubernetes/ssl", "/var/lib/etcd"])
+            paths = (step.detail or {}).get("paths") or FORGET_PATHS
+            self.backend.host(ref).remove_paths(list(paths))
         else:  # pragma: no cover - the planner only emits the actions above
             raise RkelError(f"step {step.id}: unknown action {action!r}")
 

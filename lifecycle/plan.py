@@ -52,6 +52,13 @@ NODE_PATHS = ("/etc/kubernetes", "/var/lib/etcd", "/opt/rke", "/var/lib/cni", "/
 STOP_ORDER = ("kube-proxy", "kubelet", "nginx-proxy", "kube-scheduler", "kube-controller-manager",
               "kube-apiserver", "service-sidekick", "etcd")
 NEW_NODE_STATES = ("absent", "certs")
+FORGET_PATHS = ("/etc/kubernetes/ssl", "/var/lib/etcd")  # what `forget-node` removes
+
+
+def node_paths(prefix: str, paths: tuple[str, ...] = NODE_PATHS) -> tuple[str, ...]:
+    """`paths` on a node whose rkel files live under `prefix` (cluster.yml's prefix_path)."""
+    prefix = prefix.rstrip("/")
+    return tuple(f"{prefix}{p}" for p in paths)
 
 
 # ---------------------------------------------------------------------------- current state
@@ -536,7 +543,7 @@ def _removal_groups(
                 steps.append(Step(f"{name}:etcd:leave", name, "etcd-leave", "etcd"))
             steps.append(Step(f"{name}:drain-out", name, "drain-out"))
             steps.append(Step(f"{name}:delete-node", name, "delete-node"))
-            steps += _teardown_steps(cur.name, cur, NODE_PATHS)
+            steps += _teardown_steps(cur.name, cur, desired.prefix_path)
             if cur.service("etcd"):
                 group = "etcd"
             else:
@@ -706,18 +713,22 @@ def _stop_rank(name: str) -> tuple[int, str]:
     return (STOP_ORDER.index(name) if name in STOP_ORDER else -1, name)
 
 
-def _teardown_steps(name: str, cur: CurrentNode | None, paths: tuple[str, ...]) -> list[Step]:
-    """Stop and remove every container rkel runs on the node, clean its files, forget it."""
+def _teardown_steps(name: str, cur: CurrentNode | None, prefix: str) -> list[Step]:
+    """Stop and remove every container rkel runs on the node, clean its files (under
+    prefix_path), forget it."""
     services = sorted(cur.services if cur else (), key=lambda s: _stop_rank(s.name))
     steps = [Step(f"{name}:{s.name}:remove", name, "remove-service", s.name, old_image=s.image)
              for s in services]
-    steps.append(Step(f"{name}:clean", name, "clean-node", detail={"paths": list(paths)}))
-    steps.append(Step(f"{name}:forget", name, "forget-node"))
+    steps.append(Step(f"{name}:clean", name, "clean-node",
+                      detail={"paths": list(node_paths(prefix))}))
+    # without a prefix_path the executor's default paths (no detail: plans stay as they were)
+    forget = {"paths": list(node_paths(prefix, FORGET_PATHS))} if prefix.strip("/") else None
+    steps.append(Step(f"{name}:forget", name, "forget-node", detail=forget))
     return steps
 
 
 def teardown(current: Current, nodes: tuple[NodeRef, ...], cluster_name: str,
-             paths: tuple[str, ...] = NODE_PATHS) -> Plan:
+             prefix: str = "") -> Plan:
     """`rkel remove`: every node the store or cluster.yml knows, all at once, emptied.
 
     Kubernetes is not asked anything (it goes away with its control plane); etcd members are
@@ -728,7 +739,7 @@ def teardown(current: Current, nodes: tuple[NodeRef, ...], cluster_name: str,
     for cur in current.nodes:
         known.setdefault(cur.name, cur)
     units = tuple(
-        Unit(name, "remove", tuple(_teardown_steps(name, known.get(name), paths)))
+        Unit(name, "remove", tuple(_teardown_steps(name, known.get(name), prefix)))
         for name in sorted(refs)
     )
     groups = (Group("removals", f"remove the cluster: {len(units)} node(s), all at once",

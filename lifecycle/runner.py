@@ -44,7 +44,6 @@ from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
 from lifecycle.plan import (
     ADDON_TIMEOUT,
-    NODE_PATHS,
     Current,
     CurrentNode,
     CurrentService,
@@ -407,10 +406,8 @@ def teardown_plan(config: ClusterConfig, store: Store) -> Plan:
     """`rkel remove`'s plan: every node of the store and of cluster.yml emptied and forgotten."""
     from lifecycle.hosts.ssh import node_ref
 
-    prefix = config.prefix_path.rstrip("/")
-    paths = tuple(f"{prefix}{p}" for p in NODE_PATHS)
     return teardown(current_state(store), tuple(node_ref(n) for n in config.nodes),
-                    config.cluster_name, paths)
+                    config.cluster_name, config.prefix_path)
 
 
 # ---------------------------------------------------------------------------- rehearsal

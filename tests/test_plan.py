@@ -507,6 +507,18 @@ def test_removing_a_worker_drains_deletes_and_forgets_it(sim: SimCluster) -> Non
     assert [g.phase for g in plan.groups] == ["removals"]
     assert plan.summary["nodes_removed"] == 1
     assert plan.summary["remove"] == len(was_running)
+    assert next(s for s in unit.steps if s.action == "forget-node").detail is None
+
+
+def test_a_node_removed_under_prefix_path_is_cleaned_there(sim: SimCluster) -> None:
+    nodes = [node(1, CP, ETCD), node(2, WORKER), node(3, WORKER)]
+    current = applied(sim, replace(cluster(nodes), prefix_path="/opt/custom/"))
+    plan = plan_for(current, replace(cluster(without(nodes, "n3")), prefix_path="/opt/custom/"))
+    steps = {s.action: s for s in only_group(plan, "removals").units[0].steps}
+    assert "/opt/custom/etc/kubernetes" in steps["clean-node"].detail["paths"]
+    assert all(p.startswith("/opt/custom/") for p in steps["clean-node"].detail["paths"])
+    assert steps["forget-node"].detail == {
+        "paths": ["/opt/custom/etc/kubernetes/ssl", "/opt/custom/var/lib/etcd"]}
 
 
 # ---------------------------------------------------------------------------- converged
