@@ -511,7 +511,7 @@ class SimWorld:
                 raise HostError(API, f'save Secret {namespace}/{name}: 404 Not Found: namespaces '
                                 f'"{namespace}" not found')
             self.kube_objects[object_key("Secret", namespace, name)] = \
-                state_secret(name, namespace, data)
+                self._stored(state_secret(name, namespace, data))
             self._save()
 
     def rewrite_secrets(self) -> int:
@@ -519,13 +519,20 @@ class SimWorld:
         under (the hash delivered to the controlplane nodes' encryption file)."""
         self._spend(self.latency.kube_write)
         with self._lock:
-            written = self.encryption_in_use()
             secrets = [o for o in self.kube_objects.values() if o.get("kind") == "Secret"]
             for obj in secrets:
-                obj.setdefault("metadata", {}).setdefault("annotations", {})[
-                    SIM_ENCRYPTION] = written
+                self._stored(obj)
             self._save()
             return len(secrets)
+
+    def _stored(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A Secret as a write stores it: under the encryption config in use then."""
+        if obj.get("kind") == "Secret":
+            annotations = obj.setdefault("metadata", {}).setdefault("annotations", {})
+            annotations.pop(SIM_ENCRYPTION, None)
+            if self.encryption_in_use():
+                annotations[SIM_ENCRYPTION] = self.encryption_in_use()
+        return obj
 
     def encryption_in_use(self) -> str:
         """The encryption config the controlplane nodes hold ("" none; several: sorted)."""
@@ -577,6 +584,7 @@ class SimWorld:
                 if namespace and namespace not in self._namespaces():
                     failed.append(f'{key}: 404 Not Found: namespaces "{namespace}" not found')
                     continue
+                obj = self._stored(obj)
                 if self.kube_objects.get(key) != obj:  # unchanged: nothing rolls out again
                     self.kube_objects[key] = obj
                     if obj["kind"] in WORKLOADS:
