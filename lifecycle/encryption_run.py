@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from lifecycle.executor import Executor
 
 ACTIONS = ("rewrite-secrets", "encryption-commit")
+KEYRING = enc.KEYRING  # never in the kube-system copy of the state, even sealed
 UNIT = "secrets"  # the unit name of the cluster-wide steps (no node)
 
 

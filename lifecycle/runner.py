@@ -390,7 +390,7 @@ def state_document(store: Store) -> dict[str, str]:
     runs = store.runs()
     last = runs[-1] if runs else None
     doc = {
-        "meta": {k: v for k, v in store.meta().items()},
+        "meta": {k: v for k, v in store.meta().items() if k != encryption_run.KEYRING},
         "nodes": nodes,
         "last_run": {"id": last.id, "kind": last.kind, "status": last.status,
                      "started_at": last.started_at} if last else None,
