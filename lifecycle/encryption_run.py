@@ -102,7 +102,10 @@ def prepare(store: Store, plan: Plan, config_value: Mapping[str, Any] | None) ->
     if changed:
         ops.append(SetMeta(enc.KEYRING, ring.seal(key)))
     generated = [w for w in delivered if not w.custom]
-    if generated and active_keys(store) is None:
+    active = active_keys(store)
+    if generated and (active is None or (set(generated[0].keys) > set(active))):
+        # the first time, or a rollback bringing retired keys back: wanted from now on, so a
+        # run that fails half-way never leaves a key a stored Secret needs unwanted
         ops.append(SetMeta(enc.ACTIVE, list(generated[0].keys)))
     if ops:
         store.apply_ops(ops)
@@ -110,10 +113,34 @@ def prepare(store: Store, plan: Plan, config_value: Mapping[str, Any] | None) ->
 
 
 def after_run(store: Store, plan: Plan) -> None:
-    """The run ended well: what it delivered is what the cluster's Secrets are stored with."""
+    """The run ended well: what it delivered is what the cluster's Secrets are stored with
+    (nothing, once no apiserver runs with an encryption config)."""
     delivered = _delivered(plan)
     if delivered:
         store.apply_ops([SetMeta(enc.APPLIED, delivered[-1].hash)])
+    elif store.get_meta(enc.APPLIED) and not any(
+            s.name == "kube-apiserver" and _flagged(s.spec.get("args", ()))
+            for s in store.services() if s.spec):
+        store.apply_ops([SetMeta(enc.APPLIED, None)])
+
+
+def rollback_keys(store: Store) -> tuple[str, ...] | None:
+    """The keys a rollback's apiservers need: those in use, then every retired one (newest
+    first), since the etcd data it restores may hold Secrets stored under an older key."""
+    active = active_keys(store)
+    if active is None or not store.get_meta(enc.KEYRING):
+        return active
+    retired = sorted(set(keyring(store).keys) - set(active), key=_key_number, reverse=True)
+    return (*active, *retired)
+
+
+def _key_number(name: str) -> tuple[int, str]:
+    digits = name.rsplit("-", 1)[-1]
+    return (int(digits) if digits.isdigit() else -1, name)
+
+
+def _flagged(args: Any) -> bool:
+    return any(str(a).startswith(f"--{enc.ENCRYPTION_FLAG}=") for a in args)
 
 
 # ---------------------------------------------------------------------------- apply
@@ -144,7 +171,8 @@ def with_rewrite(plan: Plan, store: Store, current: Current, desired: Desired) -
     applied = store.get_meta(enc.APPLIED) or ""
     ran = _apiservers_ran(current)
     if not desired.encryption_hash:
-        if applied and ran:
+        if any(s.name == "kube-apiserver" and _flagged(s.args)
+               for n in current.nodes for s in n.services):
             raise PlanError(
                 "services.kube-api.secrets_encryption_config is off in cluster.yml, but this "
                 "cluster stores its Secrets encrypted; rkel cannot turn encryption off yet "

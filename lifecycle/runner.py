@@ -209,7 +209,7 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
     desired = compile_desired(loaded.config,
-                              encryption_keys=encryption_run.active_keys(store))
+                              encryption_keys=encryption_run.rollback_keys(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))

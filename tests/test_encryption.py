@@ -396,3 +396,48 @@ def test_cli_rotate_key_without_encryption_says_what_to_do(tmp_path: Path) -> No
     refused = rkel("encrypt", "rotate-key", "--yes", "--backend", "simulated", cwd=tmp_path)
     assert refused.returncode == 3, refused.stderr
     assert "not enabled" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_rollback_to_before_a_rotation_brings_the_retired_key_back(tmp_path: Path) -> None:
+    from lifecycle.runner import plan_rollback
+    from lifecycle.snapshots import save_snapshot
+
+    rk = Rkel(tmp_path)
+    rk.apply(ENABLED)
+    config = _config(ENABLED)
+    save_snapshot(rk.store, rk.world.backend(), config, compile_desired(config), "before",
+                  kind="auto", folder=tmp_path / "snaps")
+    rk.rotate()
+    assert encryption_run.active_keys(rk.store) == ("key-2",)
+    rb = plan_rollback(rk.config, rk.store, "before")
+    delivered = {tuple(s.detail["encryption"]["providers"]) for s in rb.plan.steps
+                 if s.action == "deliver-certs"}
+    # the restored data holds Secrets stored under key-1: the apiservers get it back
+    assert delivered == {("aescbc:key-2", "aescbc:key-1", "identity")}
+    rk._run(rb.plan, None, desired=rb.desired, kind="rollback",
+            applies=rb.row.location["cluster_yml"],
+            secrets_encryption=config.services.kube_api.secrets_encryption_config)
+    assert encryption_run.active_keys(rk.store) == ("key-2", "key-1")
+    assert rk.file_sha("n1") == _sim_file_sha(("key-2", "key-1"))
+    assert make_plan(rk.config, rk.store).plan.empty  # kept: a later apply drops no key
+    rot = plan_rotation(rk.config, rk.store)  # and a rotation retires both
+    assert (rot.new_key, rot.old_keys) == ("key-3", ("key-2", "key-1"))
+
+
+def test_a_rollback_to_before_encryption_was_on_lets_it_be_off(tmp_path: Path) -> None:
+    from lifecycle.runner import plan_rollback
+    from lifecycle.snapshots import save_snapshot
+
+    rk = Rkel(tmp_path)
+    rk.apply(BASE)
+    config = _config(BASE)
+    save_snapshot(rk.store, rk.world.backend(), config, compile_desired(config), "plain",
+                  kind="auto", folder=tmp_path / "snaps")
+    rk.apply(ENABLED)
+    rb = plan_rollback(rk.config, rk.store, "plain")
+    rk._run(rb.plan, None, desired=rb.desired, kind="rollback",
+            applies=rb.row.location["cluster_yml"])
+    rk.config.write_text(BASE)
+    assert make_plan(rk.config, rk.store).plan.empty  # no refusal: nothing runs encrypted
+    plan = rk.apply(ENABLED)  # on again: the Secrets restored in clear are rewritten
+    assert any(s.action == "rewrite-secrets" for s in plan.steps)
