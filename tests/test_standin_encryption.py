@@ -273,3 +273,27 @@ def test_a_bad_config_exits_non_zero_naming_the_problem(cluster: Cluster, etcd: 
                        {"PATH": "/usr/bin:/bin"}, log)
     assert proc.wait(timeout=30) == 1
     assert message in tail(log)
+
+
+def test_rkels_rewrite_of_every_secret_encrypts_the_ones_stored_in_clear(
+        server: Server, etcd: Etcd, tmp_path: Path) -> None:
+    from lifecycle.hosts.kube import KubernetesAPI
+    from lifecycle.pki import PKI
+    from store import Store
+
+    api = server.start(_config(tmp_path / "clear.yaml", [], identity=True))
+    for i in range(7):
+        assert api.call("POST", "/api/v1/namespaces/default/secrets",
+                        secret(f"rw-{i}", f"clear-{i}"))[0] == 201
+    assert raw(etcd, "/registry/secrets/default/rw-0").startswith(b"{")
+    # key-2 too: the module's etcd holds the other tests' Secrets, some stored under it
+    api = server.start(_config(tmp_path / "on.yaml", [("key-1", K1), ("key-2", K2)]))
+    with Store.open(api.cluster.state) as store:
+        admin = PKI(store, api.cluster.key).material("kube-admin")
+    kube = KubernetesAPI([api.url], admin, sleep=lambda s: None, timeout=5)
+    count = kube.rewrite_secrets()
+    assert count >= 7  # every Secret, the other tests' ones too
+    for i in range(7):
+        stored = raw(etcd, f"/registry/secrets/default/rw-{i}")
+        assert stored.startswith(b"k8s:enc:aescbc:v1:key-1:") and b"clear-" not in stored
+        assert read_back(api, f"rw-{i}") == f"clear-{i}"
