@@ -116,9 +116,12 @@ def after_run(store: Store, plan: Plan) -> None:
     """The run ended well: what it delivered is what the cluster's Secrets are stored with
     (nothing, once no apiserver runs with an encryption config)."""
     delivered = _delivered(plan)
-    if delivered:
+    api = {s.action for s in plan.steps if s.service == "kube-apiserver"}
+    if delivered and not any(s.action in ACTIONS for s in plan.steps) and api == {"start"}:
+        # new apiservers only (a new cluster, or a new controlplane node): nothing was stored
+        # under another config. Where Secrets were, the rewrite step records it instead.
         store.apply_ops([SetMeta(enc.APPLIED, delivered[-1].hash)])
-    elif store.get_meta(enc.APPLIED) and not any(
+    elif not delivered and store.get_meta(enc.APPLIED) and not any(
             s.name == "kube-apiserver" and _flagged(s.spec.get("args", ()))
             for s in store.services() if s.spec):
         store.apply_ops([SetMeta(enc.APPLIED, None)])
@@ -162,16 +165,19 @@ def _after_controlplane(groups: list[Group], extra: Group) -> list[Group]:
     return groups[:last + 1] + [extra] + groups[last + 1:]
 
 
-def with_rewrite(plan: Plan, store: Store, current: Current, desired: Desired) -> Plan:
+def with_rewrite(plan: Plan, store: Store, current: Current, desired: Desired, *,
+                 rollback: bool = False) -> Plan:
     """`plan`, plus the rewrite of every Secret when it changes the encryption config of a
     cluster whose apiservers already ran (Secrets stored before would stay as they were).
 
+    :param rollback: the plan follows a restore of etcd data from before (turning encryption
+        off is then what the restored data needs).
     :raises PlanError: encryption was on and cluster.yml turns it off (not supported yet).
     """
     applied = store.get_meta(enc.APPLIED) or ""
     ran = _apiservers_ran(current)
     if not desired.encryption_hash:
-        if any(s.name == "kube-apiserver" and _flagged(s.args)
+        if not rollback and any(s.name == "kube-apiserver" and _flagged(s.args)
                for n in current.nodes for s in n.services):
             raise PlanError(
                 "services.kube-api.secrets_encryption_config is off in cluster.yml, but this "
@@ -289,6 +295,7 @@ def run_step(executor: Executor, plan: Plan, step: Step) -> None:
     detail = step.detail or {}
     if step.action == "rewrite-secrets":
         executor.backend.kube().rewrite_secrets()
+        executor.store.apply_ops([SetMeta(enc.APPLIED, str(detail.get("hash", "")))])
     elif step.action == "encryption-commit":
         # Retired keys stay sealed in the keyring: a snapshot taken before the rotation holds
         # Secrets only they decrypt.

@@ -213,7 +213,8 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
-    then = diff(current, desired, addons, timeout)
+    then = encryption_run.with_rewrite(diff(current, desired, addons, timeout), store, current,
+                                       desired, rollback=True)
     plan = restore.restore_plan(store, row, current.fingerprint, desired.cluster_name, then)
     return RollbackPlan(row, plan, loaded, desired, text)
 

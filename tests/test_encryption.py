@@ -414,6 +414,7 @@ def test_a_rollback_to_before_a_rotation_brings_the_retired_key_back(tmp_path: P
                  if s.action == "deliver-certs"}
     # the restored data holds Secrets stored under key-1: the apiservers get it back
     assert delivered == {("aescbc:key-2", "aescbc:key-1", "identity")}
+    assert rb.plan.steps[-1].action == "rewrite-secrets"  # then all stored under key-2 again
     rk._run(rb.plan, None, desired=rb.desired, kind="rollback",
             applies=rb.row.location["cluster_yml"],
             secrets_encryption=config.services.kube_api.secrets_encryption_config)
@@ -441,3 +442,15 @@ def test_a_rollback_to_before_encryption_was_on_lets_it_be_off(tmp_path: Path) -
     assert make_plan(rk.config, rk.store).plan.empty  # no refusal: nothing runs encrypted
     plan = rk.apply(ENABLED)  # on again: the Secrets restored in clear are rewritten
     assert any(s.action == "rewrite-secrets" for s in plan.steps)
+
+
+def test_a_run_limited_to_etcd_does_not_count_as_encrypting_the_secrets(tmp_path: Path) -> None:
+    rk = Rkel(tmp_path)
+    rk.apply(BASE)
+    rk.config.write_text(ENABLED)
+    planned = make_plan(rk.config, rk.store, ("etcd",))
+    assert not any(s.action == "rewrite-secrets" for s in planned.plan.steps)
+    rk._run(planned.plan, None, desired=planned.desired)  # delivers the file, rolls nothing
+    plan = rk.apply(ENABLED)
+    assert any(s.action == "rewrite-secrets" for s in plan.steps)
+    assert set(rk.secrets().values()) == {_sim_file_sha(("key-1",))}
