@@ -454,3 +454,14 @@ def test_a_run_limited_to_etcd_does_not_count_as_encrypting_the_secrets(tmp_path
     plan = rk.apply(ENABLED)
     assert any(s.action == "rewrite-secrets" for s in plan.steps)
     assert set(rk.secrets().values()) == {_sim_file_sha(("key-1",))}
+
+
+def test_state_verify_checks_the_keyring(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(ENABLED)
+    assert rkel("apply", "--yes", "--backend", "simulated", cwd=tmp_path).returncode == 0
+    ok = rkel("state", "verify", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok    secrets encryption keys: key-1 in use" in ok.stdout
+    other = {"RKEL_STATE_KEY": base64.urlsafe_b64encode(b"k" * 32).decode()}
+    bad = rkel("state", "verify", cwd=tmp_path, env=other)
+    assert bad.returncode == 4 and "FAIL  secrets encryption keys" in bad.stdout
