@@ -297,3 +297,25 @@ def test_rkels_rewrite_of_every_secret_encrypts_the_ones_stored_in_clear(
         stored = raw(etcd, f"/registry/secrets/default/rw-{i}")
         assert stored.startswith(b"k8s:enc:aescbc:v1:key-1:") and b"clear-" not in stored
         assert read_back(api, f"rw-{i}") == f"clear-{i}"
+
+
+def test_kubectl_create_secret_is_encrypted_and_reads_back(server: Server, etcd: Etcd,
+                                                           tmp_path: Path) -> None:
+    import subprocess
+
+    api = server.start(_config(tmp_path / "kubectl.yaml", [("key-1", K1), ("key-2", K2)]))
+    kubeconfig = tmp_path / "admin.yaml"
+    kubeconfig.write_text(api.cluster.admin_kubeconfig(api.url, "standin"))
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(["/usr/bin/kubectl", "--kubeconfig", str(kubeconfig), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl("create", "secret", "generic", "by-kubectl", "-n", "default",
+            "--from-literal=password=kubectl-plaintext-1")
+    stored = raw(etcd, "/registry/secrets/default/by-kubectl")
+    assert stored.startswith(b"k8s:enc:aescbc:v1:key-1:") and b"kubectl-plaintext" not in stored
+    got = json.loads(kubectl("get", "secret", "by-kubectl", "-n", "default", "-o", "json"))
+    assert base64.b64decode(got["data"]["password"]) == b"kubectl-plaintext-1"
