@@ -136,6 +136,9 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     recurring = recurring_snapshot_warning(loaded.config)
     if recurring:
         notes.append(recurring)
+    if loaded.config.rotate_encryption_key:
+        notes.append("rotate_encryption_key: true does not rotate the key during `rkel apply`"
+                     " (RKE's `rke up` does); run `rkel encrypt rotate-key`, then remove it")
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
     plan = encryption_run.with_rewrite(diff(current, desired, addons, timeout), store, current,

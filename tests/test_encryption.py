@@ -465,3 +465,10 @@ def test_state_verify_checks_the_keyring(tmp_path: Path) -> None:
     other = {"RKEL_STATE_KEY": base64.urlsafe_b64encode(b"k" * 32).decode()}
     bad = rkel("state", "verify", cwd=tmp_path, env=other)
     assert bad.returncode == 4 and "FAIL  secrets encryption keys" in bad.stdout
+
+
+def test_rotate_encryption_key_in_cluster_yml_points_to_the_command(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(ENABLED + "rotate_encryption_key: true\n")
+    plan = rkel("plan", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "run `rkel encrypt rotate-key`" in plan.stdout
