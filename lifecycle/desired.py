@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
+from lifecycle import encryption
 from lifecycle.config.model import BaseService, ClusterConfig, KubeAPIService, Node
 from lifecycle.desired_args import (
     CONTROLPLANE_TAINT,
@@ -79,10 +80,13 @@ V = TypeVar("V")
 
 
 @gc_paused
-def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None) -> Desired:
+def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None,
+                    encryption_keys: tuple[str, ...] | None = None) -> Desired:
     """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
 
     `catalog` defaults to the versions shipped with rkel (tests pass their own).
+    `encryption_keys`: the names of the generated secrets encryption keys in use, first one
+    encrypting (default: a new cluster's first key; see `lifecycle.encryption`).
     Raises PlanError when config.kubernetes_version has no data in the catalog.
     """
     catalog = catalog or default_catalog()
@@ -96,6 +100,8 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
             f"system_images.kubernetes: rancher/hyperkube:<tag>."
         )
     ctx = _Context(config, catalog.info(version))
+    ctx.encryption = encryption.desired(
+        config.services.kube_api.secrets_encryption_config, encryption_keys)
     nodes = tuple(sorted((_node_desired(ctx, n) for n in config.nodes), key=lambda n: n.name))
     return Desired(
         cluster_name=config.cluster_name,
@@ -104,6 +110,8 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
         strategy=_strategy(config),
         cluster_certs=certs.cluster_certs(),
         prefix_path=config.prefix_path.rstrip("/"),
+        encryption=ctx.encryption.providers if ctx.encryption else (),
+        encryption_hash=ctx.encryption.hash if ctx.encryption else "",
     )
 
 
@@ -163,6 +171,7 @@ class _Context:
         self.nginx_proxy = _nginx_proxy(self)
         self.kubelet_mounts = _kubelet_mounts(self)
         self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
+        self.encryption: encryption.Encryption | None = None
 
     def shared(self, value: V) -> V:
         """One object per distinct value: binds, env, labels, roles... are the same on most
@@ -380,6 +389,8 @@ def _kube_apiserver(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -
         builtin["authorization-mode"] = "Node,RBAC"
     if cfg.services.kubelet.generate_serving_certificate:
         builtin["kubelet-certificate-authority"] = certs.cert_path(certs.KUBE_CA)
+    if ctx.encryption is not None:  # the file is delivered with the certificates, 0600
+        builtin[encryption.ENCRYPTION_FLAG] = encryption.ENCRYPTION_FILE
     return _component(
         ctx,
         "kube-apiserver",
@@ -599,6 +610,10 @@ def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
     shared = [ctx.cert(c) for c in certs.node_certs(ctx.config, node)]
     node_certs = tuple(c for c, _ in shared)
     cert_hashes = {c.name: h for c, h in shared}
+    node_encryption = ""
+    if ctx.encryption is not None and "controlplane" in node.role:
+        # counted with the certificates: a new key restarts exactly the apiservers, in turn
+        node_encryption = cert_hashes[encryption.CERT_NAME] = ctx.encryption.hash
     return NodeDesired(
         name=node.name,
         address=node.address,
@@ -610,6 +625,7 @@ def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
         certs=node_certs,
         labels=ctx.shared(node_labels(node)),
         taints=ctx.shared(node_taints(node)),
+        encryption=node_encryption,
     )
 
 

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from lifecycle import effects, restore
+from lifecycle import effects, encryption_run, restore
+from lifecycle.encryption import ENCRYPTION_FILE, Encryption
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
@@ -32,6 +33,10 @@ class CertRenderer(Protocol):
     """Turns a node's certificate requests into the files to put on it."""
 
     def files_for(self, node: str, certs: list[CertRequest]) -> Mapping[str, bytes]: ...
+
+    def encryption_config(self, enc: Encryption) -> bytes:
+        """The secrets encryption config file for `enc`, from the keys in the state."""
+        ...
 
 
 class Observer(Protocol):
@@ -373,6 +378,9 @@ class Executor:
         if action in restore.ACTIONS:
             restore.run_step(self, plan, step)
             return
+        if action in encryption_run.ACTIONS:
+            encryption_run.run_step(self, plan, step)
+            return
         if action == "apply-addon":  # cluster-wide: no node
             detail = step.detail or {}
             kube = self.backend.kube()
@@ -384,7 +392,10 @@ class Executor:
         if action == "deliver-certs":
             certs = [CertRequest(**{**c, "organizations": tuple(c["organizations"]), "sans": tuple(c["sans"])})
                      for c in (step.detail or {}).get("certs", [])]
-            files = self.certs.files_for(step.node, certs)
+            files = dict(self.certs.files_for(step.node, certs))
+            enc = (step.detail or {}).get("encryption")
+            if enc:
+                files[ENCRYPTION_FILE] = self.certs.encryption_config(Encryption.from_detail(enc))
             prefix = str((step.detail or {}).get("prefix", ""))
             self.backend.host(ref).put_files({f"{prefix}{p}": c for p, c in files.items()})
         elif action == "etcd-join":

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from lifecycle import desired_certs as names
 from lifecycle.desired_certs import cert_path, is_ca, key_path, kubeconfig_path
+from lifecycle.encryption import KEYRING, Encryption, Keyring
+from lifecycle.encryption import render as render_encryption
 from lifecycle.errors import PlanError, StateError
 from lifecycle.kubeconfig import file_kubeconfig, inline_kubeconfig
 from lifecycle.pki_key import STATE_KEY_ENV, load_state_key, state_key_path
@@ -180,6 +182,7 @@ class PKI:
         """
         try:
             self._fernet = Fernet(key)
+            self._key = key
         except (ValueError, binascii.Error):
             raise StateError(
                 "the state key is not a valid key (32 bytes in url-safe base64); restore it "
@@ -300,6 +303,10 @@ class PKI:
         return sorted(out)
 
     # --- files ---------------------------------------------------------------------------------
+
+    def encryption_config(self, enc: Encryption) -> bytes:
+        """The secrets encryption config file for `enc`, from the sealed keyring."""
+        return render_encryption(enc, Keyring.unseal(self._store.get_meta(KEYRING), self._key))
 
     def files_for(self, node: str, certs: Sequence[CertRequest]) -> dict[str, bytes]:
         """The files node `node` receives for `certs` (the executor's CertRenderer), by path.

@@ -239,7 +239,10 @@ class _Lookups:
     def certs(self, node: NodeDesired) -> str:
         hit = self._nodes.get(id(node))
         if hit is None:
-            text = strings_json([self.cert(c) for c in node.certs])
+            hashes = [self.cert(c) for c in node.certs]
+            if node.encryption:  # as NodeDesired.certs_hash
+                hashes.append(f"encryption={node.encryption}")
+            text = strings_json(hashes)
             hit = self._nodes[id(node)] = (node, sha256_hex(text)[:16])
         return hit[1]
 
@@ -613,6 +616,9 @@ def _certs_group(desired: Desired, look: _Lookups) -> list[Group]:
         if cur is None or cur.certs_hash != certs_hash or cur.state in ("absent", "failed"):
             detail: dict[str, Any] = {"certs": [as_data(c) for c in want.certs],
                                       "certs_hash": certs_hash}
+            if want.encryption:  # key names and hash only: the keys stay in the state
+                detail["encryption"] = {"providers": list(desired.encryption),
+                                        "hash": want.encryption}
             if desired.prefix_path:  # files go under prefix_path, where the services bind them
                 detail["prefix"] = desired.prefix_path
             step = Step(f"{want.name}:certs:{certs_hash}", want.name, "deliver-certs", detail=detail)

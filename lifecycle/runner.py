@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle import restore
+from lifecycle import encryption_run, restore
 from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
@@ -126,7 +126,8 @@ class Planned:
 def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config,
+                              encryption_keys=encryption_run.active_keys(store))
     if store.nodes():
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
@@ -134,14 +135,13 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     recurring = recurring_snapshot_warning(loaded.config)
     if recurring:
         notes.append(recurring)
-    encryption = loaded.config.services.kube_api.secrets_encryption_config
-    if encryption and encryption.get("enabled"):
-        notes.append("services.kube-api.secrets_encryption_config asks for Secrets encrypted at"
-                     " rest, which rkel does not configure yet: the API servers run without"
-                     " --encryption-provider-config")
+    if loaded.config.rotate_encryption_key:
+        notes.append("rotate_encryption_key: true does not rotate the key during `rkel apply`"
+                     " (RKE's `rke up` does); run `rkel encrypt rotate-key`, then remove it")
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
-    plan = diff(current, desired, addons, timeout)
+    plan = encryption_run.with_rewrite(diff(current, desired, addons, timeout), store, current,
+                                       desired)
     if notes:
         plan = replace(plan, warnings=plan.warnings + tuple(notes))
     return Planned(loaded, desired, current, restrict(plan, only) if only else plan)
@@ -210,13 +210,22 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     row = restore.target(store, name)
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config,
+                              encryption_keys=encryption_run.rollback_keys(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
-    then = diff(current, desired, addons, timeout)
+    then = encryption_run.with_rewrite(diff(current, desired, addons, timeout), store, current,
+                                       desired, rollback=True)
     plan = restore.restore_plan(store, row, current.fingerprint, desired.cluster_name, then)
     return RollbackPlan(row, plan, loaded, desired, text)
+
+
+def plan_rotation(config: Path, store: Store) -> encryption_run.Rotation:
+    """`rkel encrypt rotate-key`: the three-stage rotation of the cluster as it runs (the
+    cluster.yml of the last complete run)."""
+    loaded = running_config(store, config)
+    return encryption_run.rotation_plan(loaded.config, store, current_state(store))
 
 
 def interrupted_message(store: Store) -> str | None:
@@ -278,6 +287,7 @@ def apply_plan(
     budgets: dict[str, int] | None = None,
     before_run: Callable[[], None] | None = None,
     applies: dict[str, str] | None = None,
+    secrets_encryption: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run `plan` (or, with resume, the interrupted run) under the lock; the lock is released
     when the run ends, whatever the outcome.
@@ -286,6 +296,8 @@ def apply_plan(
         what it raises ends the call with nothing started.
     :param applies: the sealed cluster.yml the run applies; recorded as the applied config
         (what the next snapshot keeps) once the run, or its resume, ends well.
+    :param secrets_encryption: cluster.yml's `secrets_encryption_config` (a custom_config the
+        run delivers is sealed into the state from it before the run starts).
     """
     notice = _lock(store, command)
     if notice and notices is not None:
@@ -307,6 +319,10 @@ def apply_plan(
             if before_run is not None:
                 before_run()
             restore.mark_pending(store, applies)
+            made = encryption_run.prepare(store, plan, secrets_encryption)
+            if made and notices is not None:
+                notices.append("generated secrets encryption key(s) " + ", ".join(made)
+                               + " (kept in the state, encrypted with the state key)")
             run_id = store.start_run(kind, plan.to_dict(), plan.state_fingerprint, command)
         store.set_lock_run(run_id)
         executor = Executor(store, backend, certs, workers=workers, observer=observer,
@@ -314,6 +330,7 @@ def apply_plan(
                             budgets=budgets)
         result = executor.run(run_id, plan)
         restore.promote_pending(store)
+        encryption_run.after_run(store, plan)
         if desired is not None and not resume:
             store.apply_ops(
                 [
@@ -376,7 +393,7 @@ def state_document(store: Store) -> dict[str, str]:
     runs = store.runs()
     last = runs[-1] if runs else None
     doc = {
-        "meta": {k: v for k, v in store.meta().items()},
+        "meta": {k: v for k, v in store.meta().items() if k != encryption_run.KEYRING},
         "nodes": nodes,
         "last_run": {"id": last.id, "kind": last.kind, "status": last.status,
                      "started_at": last.started_at} if last else None,

@@ -250,6 +250,8 @@ class NodeDesired:
     certs: tuple[CertRequest, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     taints: tuple[tuple[str, str, str], ...] = ()  # (key, value, effect)
+    # Hash of the secrets encryption config the node receives with its certificates ("" none).
+    encryption: str = ""
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -259,7 +261,10 @@ class NodeDesired:
 
     @property
     def certs_hash(self) -> str:
-        return sha256_hex(canonical_json([c.hash for c in self.certs]))[:16]
+        hashes = [c.hash for c in self.certs]
+        if self.encryption:
+            hashes.append(f"encryption={self.encryption}")
+        return sha256_hex(canonical_json(hashes))[:16]
 
     @property
     def group(self) -> str:
@@ -307,6 +312,9 @@ class Desired:
     strategy: Strategy = field(default_factory=Strategy)
     cluster_certs: tuple[CertRequest, ...] = ()  # kept by rkel, delivered to no node
     prefix_path: str = ""  # RKE's prefix_path: node files live under it ("" for /)
+    # Secrets encryption (lifecycle.encryption.Encryption): provider names and the file's hash.
+    encryption: tuple[str, ...] = ()
+    encryption_hash: str = ""
 
     def node(self, name: str) -> NodeDesired | None:
         return next((n for n in self.nodes if n.name == name), None)

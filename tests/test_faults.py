@@ -94,9 +94,13 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path: Path) 
     assert "No changes" in rkel("plan", cwd=tmp_path).stdout
 
 
-def test_secrets_encryption_is_a_plan_warning_not_silently_ignored(tmp_path: Path) -> None:
+def test_secrets_encryption_is_planned_not_silently_ignored(tmp_path: Path) -> None:
     (tmp_path / "cluster.yml").write_text(
         OLD + "services:\n  kube-api:\n    secrets_encryption_config: {enabled: true}\n")
     plan = rkel("plan", cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
-    assert "secrets_encryption_config" in plan.stdout and "does not configure yet" in plan.stdout
+    assert "encryption.yaml: key-1, identity" in plan.stdout
+    data = json.loads(rkel("-o", "json", "plan", cwd=tmp_path).stdout)
+    args = [a for g in data["groups"] for u in g["units"] for s in u["steps"]
+            if s.get("service") == "kube-apiserver" for a in s["spec"]["args"]]
+    assert "--encryption-provider-config=/etc/kubernetes/ssl/encryption.yaml" in args

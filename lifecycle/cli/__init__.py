@@ -408,6 +408,8 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
             resume=resume, workers=workers, observer=progress, notices=notices,
             desired=desired, kind=kind, node_ready_timeout=node_ready_timeout,
             unavailable=unavailable, budgets=budgets, before_run=before_run, applies=applies,
+            secrets_encryption=(config.services.kube_api.secrets_encryption_config
+                                if config is not None else None),
         )
     finally:
         be.close()
@@ -624,6 +626,8 @@ def state_unlock(
 
 
 app.command("rollback")(rollback_command)
+from lifecycle.cli.encrypt import encrypt_app  # noqa: E402
+app.add_typer(encrypt_app, name="encrypt")
 from lifecycle.cli import state as _state  # noqa: E402,F401  registers `rkel state verify`
 
 

@@ -62,6 +62,9 @@ def _unit_lines(unit: Unit) -> list[str]:
     if "deliver-certs" in actions:
         certs = (unit.steps[0].detail or {}).get("certs", [])
         extras.append(f"{len(certs)} certificate(s)")
+        keys = ((unit.steps[0].detail or {}).get("encryption") or {}).get("providers")
+        if keys:
+            extras.append("encryption.yaml: " + ", ".join(k.removeprefix("aescbc:") for k in keys))
     head = f"  {MARK[unit.kind]} {unit.node or 'etcd cluster'}"
     if extras:
         head += f"  ({', '.join(extras)})"

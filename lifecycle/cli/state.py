@@ -134,10 +134,34 @@ def check_certificates(store: Store) -> Check:
     return check
 
 
+def check_encryption_keys(store: Store) -> Check:
+    """The secrets encryption keyring decrypts and holds every key in use."""
+    from lifecycle.encryption import ACTIVE, KEYRING, Keyring
+
+    active = [str(n) for n in store.get_meta(ACTIVE) or []]
+    check = Check("secrets encryption keys", f"{', '.join(active) or 'none'} in use; the "
+                  "keyring decrypts with the state key and holds them",
+                  todo="the API servers' encryption.yaml cannot be written again: restore the "
+                       "state (or the right state key) from a backup")
+    try:
+        ring = Keyring.unseal(store.get_meta(KEYRING), load_state_key(store.path, create=False))
+    except RkelError as exc:
+        check.problems.append(str(exc))
+        return check
+    check.problems += [f"key {n} is in use but not in the keyring" for n in active
+                       if n not in ring.keys]
+    return check
+
+
 def verify_state(store: Store) -> list[Check]:
-    """Every check, in a fixed order."""
-    return [check_sqlite(store), check_journal(store), check_catalogue(store),
-            check_certificates(store)]
+    """Every check, in a fixed order (the keyring's when the state has one)."""
+    checks = [check_sqlite(store), check_journal(store), check_catalogue(store),
+              check_certificates(store)]
+    from lifecycle.encryption import KEYRING
+
+    if store.get_meta(KEYRING):
+        checks.append(check_encryption_keys(store))
+    return checks
 
 
 @state_app.command("verify")

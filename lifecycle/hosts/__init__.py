@@ -153,6 +153,13 @@ class KubeAPI(Protocol):
         """Create or replace an Opaque Secret with `data` (labelled managed-by rkel)."""
         ...
 
+    def rewrite_secrets(self) -> int:
+        """Read and replace every Secret unchanged (as `kubectl replace`), so the API servers
+        store each one again with their current first encryption provider; how many were
+        rewritten. One written meanwhile by someone else (a conflict) or deleted is skipped:
+        that write stored it already."""
+        ...
+
     def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
         """Server-side apply each object, CRDs and Namespaces first; returns
         "kind/namespace/name" ("kind/name" when cluster-scoped) of each. HostError naming every

@@ -41,6 +41,7 @@ from lifecycle.hosts.kube import (
     state_secret,
     unknown_kind,
 )
+from lifecycle.encryption import ENCRYPTION_FILE
 from lifecycle.spec import NodeRef, ServiceSpec
 
 
@@ -96,6 +97,9 @@ SIM_KINDS: dict[tuple[str, str], bool] = {
     ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): False,
     ("apiregistration.k8s.io/v1", "APIService"): False,
 }
+# On a simulated Secret: the sha256 of the controlplane's encryption file when it was last
+# written (what a real server would have encrypted it with).
+SIM_ENCRYPTION = "sim.rkel.io/encrypted-with"
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet", "Job")
 
@@ -507,8 +511,34 @@ class SimWorld:
                 raise HostError(API, f'save Secret {namespace}/{name}: 404 Not Found: namespaces '
                                 f'"{namespace}" not found')
             self.kube_objects[object_key("Secret", namespace, name)] = \
-                state_secret(name, namespace, data)
+                self._stored(state_secret(name, namespace, data))
             self._save()
+
+    def rewrite_secrets(self) -> int:
+        """Every Secret stored again: each records the encryption config it was written
+        under (the hash delivered to the controlplane nodes' encryption file)."""
+        self._spend(self.latency.kube_write)
+        with self._lock:
+            secrets = [o for o in self.kube_objects.values() if o.get("kind") == "Secret"]
+            for obj in secrets:
+                self._stored(obj)
+            self._save()
+            return len(secrets)
+
+    def _stored(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A Secret as a write stores it: under the encryption config in use then."""
+        if obj.get("kind") == "Secret":
+            annotations = obj.setdefault("metadata", {}).setdefault("annotations", {})
+            annotations.pop(SIM_ENCRYPTION, None)
+            if self.encryption_in_use():
+                annotations[SIM_ENCRYPTION] = self.encryption_in_use()
+        return obj
+
+    def encryption_in_use(self) -> str:
+        """The encryption config the controlplane nodes hold ("" none; several: sorted)."""
+        seen = sorted({h.files[ENCRYPTION_FILE] for h in self.hosts.values()
+                       if ENCRYPTION_FILE in h.files})
+        return ",".join(seen)
 
     def _kinds(self) -> dict[tuple[str, str], bool]:
         """SIM_KINDS plus what applied CustomResourceDefinitions define."""
@@ -554,6 +584,7 @@ class SimWorld:
                 if namespace and namespace not in self._namespaces():
                     failed.append(f'{key}: 404 Not Found: namespaces "{namespace}" not found')
                     continue
+                obj = self._stored(obj)
                 if self.kube_objects.get(key) != obj:  # unchanged: nothing rolls out again
                     self.kube_objects[key] = obj
                     if obj["kind"] in WORKLOADS:
@@ -941,6 +972,9 @@ class SimKube:
     def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
         return self.world.apply_manifests(docs)
 
+    def rewrite_secrets(self) -> int:
+        return self.world.rewrite_secrets()
+
     def wait_rollout(self, objects: list[dict], timeout: float) -> None:
         self.world.wait_rollout(objects, timeout)
 
@@ -1017,3 +1051,7 @@ class SimulatedCerts:
             body = json.dumps(asdict(cert), sort_keys=True).encode()
             files[f"/etc/kubernetes/ssl/{cert.name}.pem"] = body
         return files
+
+    def encryption_config(self, enc: Any) -> bytes:
+        """Simulated hosts get the provider names and hash, never key material."""
+        return json.dumps({"providers": list(enc.providers), "hash": enc.hash}).encode()

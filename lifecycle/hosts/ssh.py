@@ -498,5 +498,8 @@ class NoKubeAPI:
     def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
         self._missing()
 
+    def rewrite_secrets(self) -> int:
+        self._missing()
+
     def wait_rollout(self, objects: list[dict], timeout: float) -> None:
         self._missing()

@@ -113,7 +113,7 @@ SHORTHANDS = {"h": "help", "v": "v"}
 # Flags whose value changes what the stand-in does (the rest are checked and ignored).
 HONOURED = frozenset({
     "advertise-address", "anonymous-auth", "authorization-mode", "bind-address",
-    "client-ca-file", "etcd-cafile", "etcd-certfile", "etcd-keyfile", "etcd-prefix",
+    "client-ca-file", "encryption-provider-config", "etcd-cafile", "etcd-certfile", "etcd-keyfile", "etcd-prefix",
     "etcd-healthcheck-timeout", "etcd-servers", "kubelet-client-certificate", "kubelet-client-key", "proxy-client-cert-file",
     "proxy-client-key-file", "requestheader-client-ca-file", "secure-port",
     "service-account-issuer", "service-account-key-file", "service-account-signing-key-file",

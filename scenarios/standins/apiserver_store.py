@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from apiserver_encryption import EncryptionConfig, EncryptionError
 from apiserver_kinds import Resource
 from apiserver_objects import ApiError
 from etcd3 import KV, Etcd3, EtcdError, EtcdUnavailable
@@ -57,9 +58,28 @@ def _encode(obj: Obj) -> bytes:
 class Storage:
     """Read and write API objects in etcd."""
 
-    def __init__(self, etcd: Etcd3, prefix: str) -> None:
+    def __init__(self, etcd: Etcd3, prefix: str,
+                 encryption: EncryptionConfig | None = None) -> None:
+        """`encryption`: what `--encryption-provider-config` gives (None: everything plain)."""
         self.etcd = etcd
         self.prefix = prefix.rstrip("/")
+        self.encryption = encryption
+
+    def _decode(self, res: Resource, kv: KV) -> Obj:
+        transformer = self.encryption.for_resource(qualified(res)) if self.encryption else None
+        if transformer is not None:
+            try:
+                kv = KV(kv.key, transformer.read(kv.value), kv.create_revision, kv.mod_revision)
+            except EncryptionError as exc:
+                LOG.error("read %s: %s", kv.key, exc)
+                raise ApiError(500, f"Internal error occurred: unable to transform key "
+                               f'"{kv.key}": {exc}', "InternalError") from None
+        return _decode(kv)
+
+    def _encode(self, res: Resource, obj: Obj) -> bytes:
+        data = _encode(obj)
+        transformer = self.encryption.for_resource(qualified(res)) if self.encryption else None
+        return transformer.write(data) if transformer is not None else data
 
     def key(self, res: Resource, namespace: str, name: str) -> str:
         base = f"{self.prefix}/{res.storage_path}"
@@ -87,7 +107,7 @@ class Storage:
 
     def get(self, res: Resource, namespace: str, name: str) -> Obj | None:
         kv = self._call("get", res, self.etcd.get, self.key(res, namespace, name))
-        return _decode(kv) if kv is not None else None
+        return self._decode(res, kv) if kv is not None else None
 
     def must_get(self, res: Resource, namespace: str, name: str) -> Obj:
         obj = self.get(res, namespace, name)
@@ -100,14 +120,14 @@ class Storage:
         """(key, object) pairs of a collection in key order, and the revision read at."""
         kvs, rev = self._call("list", res, self.etcd.range_prefix,
                               self.collection(res, namespace), revision, start)
-        return [(kv.key, _decode(kv)) for kv in kvs], rev
+        return [(kv.key, self._decode(res, kv)) for kv in kvs], rev
 
     # --- writes --------------------------------------------------------------------------------
 
     def create(self, res: Resource, obj: Obj) -> Obj:
         meta = obj["metadata"]
         key = self.key(res, meta.get("namespace", ""), meta["name"])
-        rev = self._call("create", res, self.etcd.create, key, _encode(obj))
+        rev = self._call("create", res, self.etcd.create, key, self._encode(res, obj))
         if rev is None:
             raise ApiError(409, f'{qualified(res)} "{meta["name"]}" already exists',
                            "AlreadyExists", {"name": meta["name"], "group": res.group,
@@ -119,7 +139,7 @@ class Storage:
         """Write `obj` over the stored version that is at `mod_revision`, else Conflict."""
         meta = obj["metadata"]
         key = self.key(res, meta.get("namespace", ""), meta["name"])
-        rev = self._call("update", res, self.etcd.update, key, _encode(obj), mod_revision)
+        rev = self._call("update", res, self.etcd.update, key, self._encode(res, obj), mod_revision)
         if rev is None:
             raise conflict(res, meta["name"])
         meta["resourceVersion"] = str(rev)

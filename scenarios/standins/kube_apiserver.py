@@ -44,6 +44,7 @@ from apiserver_flags import (
     usage,
     validate,
 )
+from apiserver_encryption import EncryptionError, load_encryption_config
 from apiserver_kinds import RESOURCES, User
 from apiserver_objects import ApiError, now, status_failure
 from apiserver_rest import Api, Reply, Request, ServerInfo
@@ -407,7 +408,16 @@ def build(options: Options, environ: dict[str, str]) -> tuple[TLSServer, Health,
     tls = serving_context(options)
     etcd_tls = etcd_context(options)
     etcd = Etcd3(options.strings("etcd-servers"), etcd_tls)
-    storage = Storage(etcd, options.get("etcd-prefix"))
+    encryption = None
+    if options.has("encryption-provider-config") and options.get("encryption-provider-config"):
+        path = options.get("encryption-provider-config")
+        try:
+            encryption = load_encryption_config(path)
+        except EncryptionError as exc:
+            raise StartupError(str(exc)) from None
+        LOG.info("encryption at rest from %s: %s (keys %s)", path,
+                 ", ".join(sorted(encryption.resources)), ", ".join(encryption.key_names()))
+    storage = Storage(etcd, options.get("etcd-prefix"), encryption)
     git = git_version(environ)
     if not git:
         LOG.warning("neither STANDIN_VERSION nor an RKEL_IMAGE tag names a version: "
