@@ -42,6 +42,7 @@ from lifecycle.executor import (
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
+from lifecycle.rke_layout import LAYOUT_META, RKEL
 from lifecycle.plan import (
     ADDON_TIMEOUT,
     NODE_PATHS,
@@ -81,6 +82,11 @@ def open_store(state: Path | None, config: Path) -> Store:
         return Store.open(path, after_journal_write=crash_hook_from_env())
     except StoreError as exc:
         raise StateError(f"{path}: {exc}") from exc
+
+
+def pki_layout(store: Store) -> str:
+    """The certificate layout the cluster runs with: "rkel", or "rke" once adopted from RKE."""
+    return str(store.get_meta(LAYOUT_META, RKEL) or RKEL)
 
 
 def current_state(store: Store) -> Current:
@@ -127,7 +133,7 @@ class Planned:
 def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config, pki_layout=pki_layout(store))
     if store.nodes():
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
@@ -183,7 +189,8 @@ def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) ->
     """The snapshot taken before a disruptive run, of the cluster as it runs (the caller holds
     the lock)."""
     loaded = running_config(store, config)
-    return save_snapshot(store, backend, loaded.config, compile_desired(loaded.config),
+    return save_snapshot(store, backend, loaded.config,
+                         compile_desired(loaded.config, pki_layout=pki_layout(store)),
                          f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
                          folder=folder)
 
@@ -211,7 +218,7 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     row = restore.target(store, name)
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config, pki_layout=pki_layout(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
