@@ -85,6 +85,7 @@ class ImportPlan:
     state: RkeState
     nodes: tuple[NodeFound, ...]
     notes: tuple[str, ...]
+    certificates: tuple[str, ...]  # the names taken from RKE's state
 
 
 # ---------------------------------------------------------------------------- checks
@@ -272,7 +273,7 @@ def import_plan(state: RkeState, desired: Desired, found: Sequence[NodeFound],
         kubernetes_version=version,
         summary={"import": len(units)},
     )
-    return ImportPlan(plan, state, tuple(found), tuple(notes))
+    return ImportPlan(plan, state, tuple(found), tuple(notes), tuple(sorted(requests)))
 
 
 def _node_notes(want: NodeDesired, node: NodeFound) -> list[str]:
@@ -293,6 +294,18 @@ def _node_notes(want: NodeDesired, node: NodeFound) -> list[str]:
     for name in node.unmanaged:
         notes.append(f"{node.name}: {name} is RKE's and left alone (rkel does not manage it)")
     return notes
+
+
+def plan_note(store: Store, plan: Plan) -> str | None:
+    """What `rkel plan` says of an adopted cluster whose add-ons rkel has not applied yet."""
+    done = store.get_meta(IMPORTED_FROM)
+    if not done or store.get_meta("addons"):
+        return None
+    if not any(s.action == "apply-addon" for s in plan.steps):
+        return None
+    return (f"this cluster was adopted from RKE ({done.get('path', '')}): RKE deployed its "
+            "add-ons itself, so rkel applies its own manifests of them once (server-side "
+            "apply over RKE's objects; nothing restarts for it)")
 
 
 # ---------------------------------------------------------------------------- run

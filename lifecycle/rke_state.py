@@ -91,8 +91,10 @@ def read_rke_state(path: Path) -> RkeState:
         raise RkeStateError(f"{path} is not an RKE state file: its JSON is not an object")
     state = _pick_state(path, doc)
     bundle = state.get("certificatesBundle")
-    config = state.get("rkeConfig") if isinstance(state.get("rkeConfig"), dict) else {}
-    nodes = config.get("nodes") if isinstance(config.get("nodes"), list) else []
+    found = state.get("rkeConfig")
+    config: dict[str, Any] = found if isinstance(found, dict) else {}
+    listed = config.get("nodes")
+    nodes: list[Any] = listed if isinstance(listed, list) else []
     return RkeState(
         path=path,
         sha256=hashlib.sha256(raw).hexdigest(),
@@ -169,11 +171,10 @@ def check(state: RkeState, requests: Mapping[str, CertRequest]) -> dict[str, Rke
         not_after = cert.not_valid_after_utc.astimezone(UTC).isoformat()
         checked[name] = RkeCertificate(name, entry.cert_pem, entry.key_pem, not_after)
     for name, req in sorted(requests.items()):
-        cert = parsed.get(name)
-        ca = parsed.get(req.ca)
-        if cert is None or ca is None or name in STICKY:
+        leaf, ca = parsed.get(name), parsed.get(req.ca)
+        if leaf is None or ca is None or name in STICKY:
             continue  # reported above (the service-account key pair is only a key)
-        if not issued_by(cert, ca):
+        if not issued_by(leaf, ca):
             what = "is not self-signed" if req.ca == name else f"is not signed by {req.ca}"
             problems.append(f"{name}: the certificate {what}")
     if problems:

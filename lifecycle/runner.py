@@ -18,7 +18,7 @@ from typing import Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle import restore
+from lifecycle import restore, rke_import
 from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
@@ -149,6 +149,9 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
     plan = diff(current, desired, addons, timeout)
+    adopted = rke_import.plan_note(store, plan)
+    if adopted:
+        notes.append(adopted)
     if notes:
         plan = replace(plan, warnings=plan.warnings + tuple(notes))
     return Planned(loaded, desired, current, restrict(plan, only) if only else plan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,11 @@ from lifecycle.desired import compile_desired
 from lifecycle.errors import RkelError
 from lifecycle.rke_layout import RKE
 from lifecycle.rke_state import read_rke_state
+
+
+class ImportBackend(str, Enum):
+    ssh = "ssh"
+    simulated = "simulated"
 
 
 def summary(imp: rke_import.ImportPlan) -> dict[str, Any]:
@@ -40,8 +46,8 @@ def summary_text(imp: rke_import.ImportPlan) -> str:
     lines = [
         f"Import of the RKE cluster in {imp.state.path} (Kubernetes {data['kubernetes_version']}):",
         f"  {len(imp.nodes)} node(s), {services} container(s) found, {same} exactly as rkel "
-        f"would run them; {len(imp.state.certificates)} certificate(s) in RKE's state, kept "
-        "with RKE's layout (one kube-ca, etcd trusting it, one kube-node for every kubelet).",
+        f"would run them; {len(imp.certificates)} certificate(s) "
+        "from RKE's state, kept with RKE's layout (one kube-ca, etcd trusting it, one kube-node for every kubelet).",
     ]
     lines += [f"  - {note}" for note in imp.notes]
     return "\n".join(lines)
@@ -52,8 +58,8 @@ def import_command(
     rke_state: Annotated[Path, typer.Option(
         "--rke-state", help="RKE's state file (cluster.rkestate, beside RKE's cluster.yml).")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    backend: Annotated[str, typer.Option(
-        help="ssh (real hosts) or simulated (a simulated cluster).")] = "ssh",
+    backend: Annotated[ImportBackend, typer.Option(
+        help="ssh (real hosts) or simulated (a simulated cluster).")] = ImportBackend.ssh,
     trust_new_hosts: Annotated[bool, typer.Option(
         help="Pin the SSH host key of a host seen for the first time (else refuse).")] = True,
 ) -> None:
@@ -67,9 +73,6 @@ def import_command(
 
     g = ctx.obj
     command = " ".join(["rkel", *sys.argv[1:]])
-    if backend not in ("ssh", "simulated"):
-        typer.echo("error: --backend is ssh or simulated", err=True)
-        raise typer.Exit(2)
     say = lambda text: typer.echo(f"notice: {text}", err=True)  # noqa: E731
     try:
         # Everything that can be checked without the state or a host is, before either is
@@ -83,7 +86,7 @@ def import_command(
         with g.store() as store:
             rke_import.refuse_used_state(store, state)
             session = None
-            if backend == "simulated":
+            if backend is ImportBackend.simulated:
                 from lifecycle.hosts.simulated import SimulatedCerts, SimWorld
 
                 be: Any = SimWorld.load(_world_path(g)).backend()
