@@ -288,3 +288,68 @@ def test_import_into_a_state_that_holds_a_cluster_is_refused(site: Path, tmp_pat
     assert result.returncode == 3
     assert "already holds a cluster" in result.stdout
     assert (other / "cluster.rkel.db").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- pure parts
+def test_rke_layout_specs_use_rkes_certificates() -> None:
+    config = load_config_text_path(CONFIG)
+    desired = compile_desired(config, pki_layout="rke")
+    cp = desired.node("cp-1")
+    assert cp is not None
+    etcd = cp.service("etcd")
+    apiserver = cp.service("kube-apiserver")
+    assert etcd is not None and apiserver is not None
+    assert "--trusted-ca-file=/etc/kubernetes/ssl/kube-ca.pem" in etcd.args
+    assert "--cert-file=/etc/kubernetes/ssl/kube-etcd-10-0-0-11.pem" in etcd.args
+    assert "ETCDCTL_CACERT=/etc/kubernetes/ssl/kube-ca.pem" in etcd.env
+    assert etcd.health is not None and etcd.health.client_cert == "kube-node"
+    assert "--etcd-certfile=/etc/kubernetes/ssl/kube-node.pem" in apiserver.args
+    names = {c.name for n in desired.nodes for c in n.certs}
+    assert "kube-node" in names and "kube-etcd-ca" not in names
+    assert not any(n.startswith("kube-node-") for n in names)
+    # rkel's own layout is untouched by the option
+    own = compile_desired(config)
+    assert own.fingerprint != desired.fingerprint
+    assert {c.name for n in own.nodes for c in n.certs} >= {"kube-etcd-ca", "kube-node-cp-1"}
+
+
+def test_compare_names_each_difference_and_ignores_labels_and_bootstrap_flags() -> None:
+    from lifecycle.hosts import ContainerConfig
+    from lifecycle.rke_import import compare
+
+    config = load_config_text_path(CONFIG)
+    etcd = compile_desired(config, pki_layout="rke").node("cp-1").service("etcd")  # type: ignore[union-attr]
+    assert etcd is not None
+    same = ContainerConfig("etcd", etcd.image, (*etcd.command, *reversed(etcd.args),
+                                                *etcd.bootstrap_args),
+                           tuple(etcd.env), tuple(etcd.binds), etcd.privileged,
+                           etcd.network_mode, etcd.pid_mode, etcd.restart, (),
+                           (("io.rancher.rke.container.name", "etcd"),), True)
+    assert compare(etcd, same)[0] == ()
+    other = ContainerConfig("etcd", "rancher/mirrored-coreos-etcd:v3.5.9", same.argv,
+                            (*etcd.env[1:], "ETCD_UNSUPPORTED_ARCH=arm64"),
+                            (*etcd.binds, "/var/log:/var/log:z"), False, "host", "",
+                            "unless-stopped", (), (), True)
+    diffs, as_made = compare(etcd, other)
+    assert diffs[0] == f"image rancher/mirrored-coreos-etcd:v3.5.9 -> {etcd.image}"
+    assert f"env {etcd.env[0]} added" in diffs
+    assert "env ETCD_UNSUPPORTED_ARCH=arm64 dropped" in diffs
+    assert "bind /var/log:/var/log:z dropped" in diffs
+    assert "restart policy unless-stopped -> always" in diffs
+    assert as_made.hash != etcd.hash and as_made.image.endswith("v3.5.9")
+
+
+def test_a_node_whose_certificate_files_differ_gets_them_delivered_again(
+        tmp_path: Path, pki: dict[str, rke.Pair]) -> None:
+    (tmp_path / "cluster.yml").write_text(CONFIG)
+    config = load_config(tmp_path / "cluster.yml").config
+    rke.write_rkestate(tmp_path / "cluster.rkestate", config, pki)
+    world = rke_world(tmp_path / "cluster.rkel.world.json", config, pki)
+    world.put_files("worker-4", {"/etc/kubernetes/ssl/kube-proxy.pem": b"something else"})
+    result = do_import(tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert not data["nodes"]["worker-4"]["certificates_match"]
+    assert all(n["certificates_match"] for k, n in data["nodes"].items() if k != "worker-4")
+    delivered = [s["node"] for s in steps(plan(tmp_path)) if s["action"] == "deliver-certs"]
+    assert delivered == ["worker-4"]
