@@ -214,6 +214,12 @@ def test_an_rke_built_cluster_is_adopted_then_upgraded(built: RkeBuilt) -> None:
         assert node["certificates_match"], host
         assert "kube-apiserver" in node["matching"] and "etcd" in node["matching"]
     assert c.all_containers() == before, "the import restarted or replaced a container"
+    # RKE's keys are in the state encrypted only (the state, its WAL), and they check out.
+    stored = b"".join(p.read_bytes() for p in c.workdir.glob("cluster.rkel.db*")
+                      if not p.name.endswith(".key"))
+    assert [ln for ln in rke.key_bodies(c.pki) if ln.encode() in stored] == []
+    verify = c.rkel("state", "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
     started = time.monotonic()
     plan = json.loads(c.rkel("-o", "json", "plan").stdout)
