@@ -50,10 +50,16 @@ IMPORTED_FROM = "imported_from"  # the state's cluster key: RKE state file path 
 RKE_ONLY = ("etcd-rolling-snapshots", "rke-log-linker", "rke-log-cleaner", "rke-bundle-cert")
 
 
-class ImportError_(RkelError):
-    """The cluster cannot be adopted as it is (state already used, nodes unreachable...)."""
+class AdoptionError(RkelError):
+    """The cluster cannot be adopted into this state (it already holds one, or a run)."""
 
     exit_code = 3
+
+
+class NodesUnreachable(AdoptionError):
+    """Some nodes could not be inspected, so nothing was adopted."""
+
+    exit_code = 6
 
 
 @dataclass(frozen=True)
@@ -91,24 +97,24 @@ class ImportPlan:
 # ---------------------------------------------------------------------------- checks
 def refuse_used_state(store: Store, state: RkeState | None = None) -> None:
     """Import only into a state that holds no cluster (and say so when it is this very import)."""
+    if store.unfinished_run() is not None:
+        raise AdoptionError(
+            f"the state {store.path} has an interrupted run; finish it with "
+            "`rkel apply --resume` first"
+        )
     done = store.get_meta(IMPORTED_FROM)
     if done and state is not None and done.get("sha256") == state.sha256 and store.nodes():
-        raise ImportError_(
+        raise AdoptionError(
             f"the state {store.path} already holds this cluster, imported from "
             f"{done.get('path')}; nothing to do. `rkel plan` shows what differs from cluster.yml"
         )
     nodes, certs = len(store.nodes()), len(store.certificates())
     if nodes or certs:
-        raise ImportError_(
+        raise AdoptionError(
             f"the state {store.path} already holds a cluster ({nodes} node(s), {certs} "
             "certificate(s)); `rkel import` adopts an RKE cluster into a new state. Give "
             "another --state (or -c with a cluster.yml in another directory), or manage this "
             "cluster with `rkel plan` and `rkel apply`"
-        )
-    if store.unfinished_run() is not None:
-        raise ImportError_(
-            f"the state {store.path} has an interrupted run; finish it with "
-            "`rkel apply --resume` first"
         )
 
 
@@ -212,7 +218,7 @@ def observe(backend: Backend, desired: Desired, certificates: Mapping[str, Any])
         results = list(pool.map(one, desired.nodes))
     failed = [r for r in results if isinstance(r, HostError)]
     if failed:
-        raise ImportError_(
+        raise NodesUnreachable(
             "cannot inspect every node, nothing was written:\n  "
             + "\n  ".join(str(e) for e in failed)
             + "\nFix access to these nodes (or drop them from cluster.yml if they are gone), "

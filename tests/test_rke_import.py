@@ -208,6 +208,8 @@ def test_killed_import_is_finished_by_apply_resume(site: Path) -> None:
     assert crashed.returncode == -9
     plain = rkel("-c", str(site / "cluster.yml"), "apply", "--backend", "simulated", "--yes")
     assert plain.returncode == 4 and "--resume" in plain.stderr
+    again = do_import(site)
+    assert again.returncode == 3 and "interrupted run" in again.stdout
     resumed = rkel("-c", str(site / "cluster.yml"), "apply", "--resume", "--backend",
                    "simulated", "--yes")
     assert resumed.returncode == 0, resumed.stderr
@@ -353,3 +355,16 @@ def test_a_node_whose_certificate_files_differ_gets_them_delivered_again(
     assert all(n["certificates_match"] for k, n in data["nodes"].items() if k != "worker-4")
     delivered = [s["node"] for s in steps(plan(tmp_path)) if s["action"] == "deliver-certs"]
     assert delivered == ["worker-4"]
+
+
+def test_an_unreachable_node_stops_the_import_before_anything_is_recorded(site: Path) -> None:
+    world = SimWorld.load(site / "cluster.rkel.world.json")
+    world.set_reachable("worker-4", False)
+    result = do_import(site)
+    no_traceback(result)
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "worker-4" in result.stdout and "nothing was written" in result.stdout
+    db = sqlite3.connect(site / "cluster.rkel.db")
+    assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM certificates").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM nodes").fetchone()[0] == 0
