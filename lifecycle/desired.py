@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
-from lifecycle import encryption
+from lifecycle import encryption, rke_layout
 from lifecycle.config.model import BaseService, ClusterConfig, KubeAPIService, Node
 from lifecycle.desired_args import (
     CONTROLPLANE_TAINT,
@@ -81,12 +81,15 @@ V = TypeVar("V")
 
 @gc_paused
 def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None,
-                    encryption_keys: tuple[str, ...] | None = None) -> Desired:
+                    encryption_keys: tuple[str, ...] | None = None,
+                    pki_layout: str = "rkel") -> Desired:
     """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
 
     `catalog` defaults to the versions shipped with rkel (tests pass their own).
     `encryption_keys`: the names of the generated secrets encryption keys in use, first one
     encrypting (default: a new cluster's first key; see `lifecycle.encryption`).
+    `pki_layout`: "rkel" (rkel's certificates) or "rke" (a cluster adopted from RKE keeps
+    RKE's, see `lifecycle.rke_layout`).
     Raises PlanError when config.kubernetes_version has no data in the catalog.
     """
     catalog = catalog or default_catalog()
@@ -99,7 +102,7 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
             f"gives the right flags) and use system_images to pin other images, e.g. "
             f"system_images.kubernetes: rancher/hyperkube:<tag>."
         )
-    ctx = _Context(config, catalog.info(version))
+    ctx = _Context(config, catalog.info(version), pki_layout)
     ctx.encryption = encryption.desired(
         config.services.kube_api.secrets_encryption_config, encryption_keys)
     nodes = tuple(sorted((_node_desired(ctx, n) for n in config.nodes), key=lambda n: n.name))
@@ -118,9 +121,12 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
 class _Context:
     """What every per-node builder needs: the config, the version data and resolved images."""
 
-    def __init__(self, config: ClusterConfig, info: VersionInfo) -> None:
+    def __init__(self, config: ClusterConfig, info: VersionInfo, layout: str = "rkel") -> None:
         self.config = config
         self.info = info
+        self.layout = layout
+        self.etcd_ca = rke_layout.etcd_ca(layout)
+        self.etcd_client = rke_layout.apiserver_etcd_client(layout)
         self.prefix = config.prefix_path.rstrip("/")
         default_registry = next((r.url for r in config.private_registries if r.is_default), "")
         self.registry = registry_host(default_registry)
@@ -298,8 +304,8 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
         "listen-peer-urls": f"https://{listen}:2380",
         "advertise-client-urls": f"https://{node.internal}:2379",
         "initial-advertise-peer-urls": f"https://{node.internal}:2380",
-        "trusted-ca-file": certs.cert_path(certs.ETCD_CA),
-        "peer-trusted-ca-file": certs.cert_path(certs.ETCD_CA),
+        "trusted-ca-file": certs.cert_path(ctx.etcd_ca),
+        "peer-trusted-ca-file": certs.cert_path(ctx.etcd_ca),
         "cert-file": certs.cert_path(own),
         "key-file": certs.key_path(own),
         "peer-cert-file": certs.cert_path(own),
@@ -325,7 +331,7 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
         bootstrap_args=tuple(f"--{k}={bootstrap[k]}" for k in sorted(bootstrap)),
         env=[
             "ETCDCTL_API=3",
-            f"ETCDCTL_CACERT={certs.cert_path(certs.ETCD_CA)}",
+            f"ETCDCTL_CACERT={certs.cert_path(ctx.etcd_ca)}",
             f"ETCDCTL_CERT={certs.cert_path(own)}",
             f"ETCDCTL_KEY={certs.key_path(own)}",
             f"ETCDCTL_ENDPOINTS=https://{endpoint}:2379",
@@ -336,7 +342,7 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
         ],
         health=HealthCheck(
             url=f"https://{node.internal}:2379/health",
-            client_cert=certs.APISERVER_ETCD_CLIENT,
+            client_cert=ctx.etcd_client,
             expect='"health":"true"',
         ),
     )
@@ -363,7 +369,7 @@ def _kube_apiserver(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -
     else:
         etcd_servers = ",".join(sorted(f"https://{n.internal}:2379" for n in ctx.etcd_nodes))
         etcd_prefix = "/registry"
-        etcd_ca, etcd_client = certs.ETCD_CA, certs.APISERVER_ETCD_CLIENT
+        etcd_ca, etcd_client = ctx.etcd_ca, ctx.etcd_client
     builtin = {
         "client-ca-file": certs.cert_path(certs.KUBE_CA),
         "etcd-cafile": certs.cert_path(etcd_ca),
@@ -607,7 +613,8 @@ def _services(
 
 
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
-    shared = [ctx.cert(c) for c in certs.node_certs(ctx.config, node)]
+    inventory = rke_layout.node_certs if ctx.layout == rke_layout.RKE else certs.node_certs
+    shared = [ctx.cert(c) for c in inventory(ctx.config, node)]
     node_certs = tuple(c for c, _ in shared)
     cert_hashes = {c.name: h for c, h in shared}
     node_encryption = ""

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from lifecycle import effects, encryption_run, restore
+from lifecycle import effects, encryption_run, restore, rke_import
 from lifecycle.encryption import ENCRYPTION_FILE, Encryption
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
@@ -106,7 +106,7 @@ def _service_triggers(action: str, state: str) -> tuple[list[str], list[str]]:
 # so the strategy is never capped behind the user's back. `--workers N` sets a cap explicitly.
 DEFAULT_WORKERS = 0
 
-STOP_ON_FAILURE = ("restore", "certs", "etcd", "controlplane", "removals")
+STOP_ON_FAILURE = ("import", "restore", "certs", "etcd", "controlplane", "removals")
 KUBE_ONLY = ("cordon", "drain", "uncordon", "drain-out", "delete-node", "node-metadata")
 
 
@@ -369,6 +369,8 @@ class Executor:
                 ops.append(DeleteService(step.node, step.service))
             elif step.action == "forget-node":
                 ops.append(DeleteNode(step.node))
+            elif step.action in rke_import.ACTIONS:
+                ops += rke_import.done_ops(self.store, step)
             self.store.write_journal(run_id, step.id, "done", detail, ops)
         self.observer.step_finished(step, None)
 
@@ -380,6 +382,9 @@ class Executor:
             return
         if action in encryption_run.ACTIONS:
             encryption_run.run_step(self, plan, step)
+            return
+        if action in rke_import.ACTIONS:
+            rke_import.run_step(self, plan, step)
             return
         if action == "apply-addon":  # cluster-wide: no node
             detail = step.detail or {}

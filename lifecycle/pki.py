@@ -221,6 +221,19 @@ class PKI:
             hash=req.hash,
         )
 
+    def adopt(self, req: CertRequest, cert_pem: str, key_pem: bytes,
+              expires_at: str) -> PutCertificate:
+        """The store op that keeps a certificate made elsewhere (RKE's, on import) as the one
+        for `req`, its key encrypted like rkel's own. The caller has checked the pair."""
+        return PutCertificate(
+            name=req.name,
+            cert_pem=cert_pem,
+            key_encrypted=self._fernet.encrypt(key_pem),
+            expires_at=expires_at,
+            sans=req.sans,
+            hash=req.hash,
+        )
+
     def _row(self, name: str) -> CertificateRow:
         row = self._store.certificate(name)
         if row is None:
@@ -334,6 +347,8 @@ class PKI:
         own = f"kube-node-{node}"  # desired_certs.node_cert_name, from the node's name
         if own in wanted:
             kubeconfigs.append((names.KUBE_NODE_KUBECONFIG, own))
+        elif names.KUBE_NODE_KUBECONFIG in wanted:  # RKE's layout: one shared kube-node
+            kubeconfigs.append((names.KUBE_NODE_KUBECONFIG, names.KUBE_NODE_KUBECONFIG))
         for kubeconfig, cert in kubeconfigs:
             text = file_kubeconfig(
                 LOCAL_SERVER,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle import encryption_run, restore
+from lifecycle import encryption_run, restore, rke_import
 from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
@@ -42,6 +42,7 @@ from lifecycle.executor import (
 from lifecycle.hosts import Backend
 from lifecycle.hosts.simulated import SimContainer, SimWorld
 from lifecycle.pki import PKI, load_state_key
+from lifecycle.rke_layout import layout_of
 from lifecycle.plan import (
     ADDON_TIMEOUT,
     Current,
@@ -80,6 +81,11 @@ def open_store(state: Path | None, config: Path) -> Store:
         return Store.open(path, after_journal_write=crash_hook_from_env())
     except StoreError as exc:
         raise StateError(f"{path}: {exc}") from exc
+
+
+def pki_layout(store: Store) -> str:
+    """The certificate layout the cluster runs with: "rkel", or "rke" once adopted from RKE."""
+    return layout_of(store)
 
 
 def current_state(store: Store) -> Current:
@@ -126,8 +132,8 @@ class Planned:
 def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
-    desired = compile_desired(loaded.config,
-                              encryption_keys=encryption_run.active_keys(store))
+    desired = compile_desired(loaded.config, encryption_keys=encryption_run.active_keys(store),
+                              pki_layout=pki_layout(store))
     if store.nodes():
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
@@ -142,6 +148,9 @@ def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
     plan = encryption_run.with_rewrite(diff(current, desired, addons, timeout), store, current,
                                        desired)
+    adopted = rke_import.plan_note(store, plan)
+    if adopted:
+        notes.append(adopted)
     if notes:
         plan = replace(plan, warnings=plan.warnings + tuple(notes))
     return Planned(loaded, desired, current, restrict(plan, only) if only else plan)
@@ -182,7 +191,8 @@ def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) ->
     """The snapshot taken before a disruptive run, of the cluster as it runs (the caller holds
     the lock)."""
     loaded = running_config(store, config)
-    return save_snapshot(store, backend, loaded.config, compile_desired(loaded.config),
+    return save_snapshot(store, backend, loaded.config,
+                         compile_desired(loaded.config, pki_layout=pki_layout(store)),
                          f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
                          folder=folder)
 
@@ -210,8 +220,8 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     row = restore.target(store, name)
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
-    desired = compile_desired(loaded.config,
-                              encryption_keys=encryption_run.rollback_keys(store))
+    desired = compile_desired(loaded.config, encryption_keys=encryption_run.rollback_keys(store),
+                              pki_layout=pki_layout(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))

@@ -22,6 +22,7 @@ from lifecycle.cli import render
 from lifecycle.cli.rollback import rollback_command, rollback_json, rollback_text
 from lifecycle.cli.config_cmd import config as config_generate
 from lifecycle.cli.doctor import doctor as doctor_command
+from lifecycle.cli.import_cmd import import_command
 from lifecycle.cli.kubeconfig_cmd import kubeconfig as kubeconfig_command
 from lifecycle.cli.snapshot import snapshot_app
 from lifecycle.config import load_config
@@ -54,6 +55,7 @@ config_app.callback(invoke_without_command=True)(config_generate)
 app.add_typer(config_app, name="config")
 app.command("doctor")(doctor_command)
 app.command("kubeconfig")(kubeconfig_command)
+app.command("import")(import_command)
 hosts_app = typer.Typer(help="SSH host keys pinned in the state.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 state_app = typer.Typer(help="The state database.", no_args_is_help=True)

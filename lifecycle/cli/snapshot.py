@@ -22,6 +22,7 @@ from lifecycle import snapshots
 from lifecycle.config import load_config
 from lifecycle.desired import compile_desired
 from lifecycle.errors import RkelError
+from lifecycle.runner import pki_layout
 
 snapshot_app = typer.Typer(help="etcd snapshots: save, list, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
 
@@ -80,9 +81,9 @@ def save(
     started = time.monotonic()
     try:
         loaded = load_config(g.config)
-        desired = compile_desired(loaded.config)
         with g.store() as store, snapshots.locked(store, command), \
                 _backend(g, store, loaded.config, backend) as be:
+            desired = compile_desired(loaded.config, pki_layout=pki_layout(store))
             row = snapshots.save_snapshot(store, be, loaded.config, desired, name,
                                           folder=folder or snapshots.default_folder(g.config))
     except RkelError as exc:

@@ -24,6 +24,24 @@ class Container:
     running: bool
 
 
+@dataclass(frozen=True)
+class ContainerConfig:
+    """How a container was made, as observed on a host (what `docker inspect` shows)."""
+
+    name: str
+    image: str
+    argv: tuple[str, ...]  # entrypoint followed by the command
+    env: tuple[str, ...]  # without the entries the image itself sets
+    binds: tuple[str, ...]
+    privileged: bool = False
+    network_mode: str = ""
+    pid_mode: str = ""
+    restart: str = ""
+    volumes_from: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    running: bool = False
+
+
 # The TCP ports each rkel container listens on in the host's network namespace (every one runs
 # with host networking), as RKE's components do. `rkel doctor` (lifecycle.doctor) checks them;
 # the Simulated backend reports them as listened on while the container runs.
@@ -72,6 +90,10 @@ class Host(Protocol):
 
     def containers(self) -> dict[str, Container]:
         """Every container on the host, by name."""
+        ...
+
+    def inspect_container(self, name: str) -> ContainerConfig | None:
+        """How container `name` was made; None when there is no such container."""
         ...
 
     def run_container(self, spec: ServiceSpec, extra_args: Sequence[str] = ()) -> None:

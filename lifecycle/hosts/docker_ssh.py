@@ -37,7 +37,7 @@ from docker.transport.sshconn import SSHConnection, SSHConnectionPool
 from lifecycle.config.model import PrivateRegistry
 from lifecycle.desired_args import has_registry_host, registry_host
 from lifecycle.errors import HostError, HostUnreachableError
-from lifecycle.hosts import Container
+from lifecycle.hosts import Container, ContainerConfig
 from lifecycle.spec import SPEC_HASH_LABEL, HealthCheck, NodeRef, ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,37 @@ class SSHHost:
             out[name] = Container(name, c.get("Image", ""), labels.get(SPEC_HASH_LABEL, ""),
                                   c.get("State") == "running")
         return dict(sorted(out.items()))
+
+    def inspect_container(self, name: str) -> ContainerConfig | None:
+        try:
+            with self._docker(f"inspecting container {name}"):
+                info = self.api.inspect_container(name)
+        except HostError as exc:
+            if "No such container" in str(exc):
+                return None
+            raise
+        config = info.get("Config") or {}
+        host = info.get("HostConfig") or {}
+        image = config.get("Image", "")
+        try:
+            with self._docker(f"inspecting image {image}"):
+                image_env = set((self.api.inspect_image(image).get("Config") or {}).get("Env") or ())
+        except HostError:
+            image_env = set()  # the image is gone: every variable counts as the container's
+        return ContainerConfig(
+            name=name,
+            image=image,
+            argv=tuple(config.get("Entrypoint") or ()) + tuple(config.get("Cmd") or ()),
+            env=tuple(e for e in config.get("Env") or () if e not in image_env),
+            binds=tuple(host.get("Binds") or ()),
+            privileged=bool(host.get("Privileged")),
+            network_mode=host.get("NetworkMode") or "",
+            pid_mode=host.get("PidMode") or "",
+            restart=(host.get("RestartPolicy") or {}).get("Name") or "",
+            volumes_from=tuple(host.get("VolumesFrom") or ()),
+            labels=tuple(sorted((config.get("Labels") or {}).items())),
+            running=bool((info.get("State") or {}).get("Running")),
+        )
 
     def run_container(self, spec: ServiceSpec, extra_args: Sequence[str] = ()) -> None:
         self.ensure_image(spec.image)

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from lifecycle.errors import HostError, HostUnreachableError
-from lifecycle.hosts import SERVICE_PORTS, Container, DrainOptions, EtcdMember, KubeNode
+from lifecycle.hosts import (
+    SERVICE_PORTS,
+    Container,
+    ContainerConfig,
+    DrainOptions,
+    EtcdMember,
+    KubeNode,
+)
 from lifecycle.hosts.kube import (
     API,
     apply_failed,
@@ -42,7 +49,7 @@ from lifecycle.hosts.kube import (
     unknown_kind,
 )
 from lifecycle.encryption import ENCRYPTION_FILE
-from lifecycle.spec import NodeRef, ServiceSpec
+from lifecycle.spec import SPEC_HASH_LABEL, NodeRef, ServiceSpec
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,10 @@ class SimContainer:
     spec_hash: str
     running: bool
     args: list[str] = field(default_factory=list)
+    # How a container made by someone else (RKE) was made, as `inspect_container` reports it
+    # (ContainerConfig's fields but name, image and running); empty for rkel's own, which
+    # report their arguments and spec hash only.
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,6 +298,28 @@ class SimWorld:
                 c.name: Container(c.name, c.image, c.spec_hash, c.running)
                 for c in h.containers.values()
             }
+
+    def inspect_container(self, host: str, name: str) -> ContainerConfig | None:
+        self._op(host, self.latency.inspect)
+        with self._lock:
+            c = self.hosts[host].containers.get(name)
+            if c is None:
+                return None
+            made = c.config or {"labels": {SPEC_HASH_LABEL: c.spec_hash}}
+            return ContainerConfig(
+                name=c.name,
+                image=c.image,
+                argv=tuple(made.get("argv", c.args)),
+                env=tuple(made.get("env", ())),
+                binds=tuple(made.get("binds", ())),
+                privileged=bool(made.get("privileged", False)),
+                network_mode=str(made.get("network_mode", "")),
+                pid_mode=str(made.get("pid_mode", "")),
+                restart=str(made.get("restart", "")),
+                volumes_from=tuple(made.get("volumes_from", ())),
+                labels=tuple(sorted((str(k), str(v)) for k, v in made.get("labels", {}).items())),
+                running=c.running,
+            )
 
     def run_container(self, host: str, spec: ServiceSpec, extra_args: Sequence[str]) -> None:
         h = self._op(host, self.latency.run_container)
@@ -877,6 +910,23 @@ def _registration(host: str, args: list[str]) -> dict[str, Any]:
     return {"labels": labels, "annotations": {}, "taints": taints}
 
 
+def foreign_container(spec: ServiceSpec, labels: dict[str, str],
+                      extra_args: Sequence[str] = (), running: bool = True) -> SimContainer:
+    """A container made from `spec` by another tool (RKE), with only `labels`: it carries no
+    spec hash, and `inspect_container` reports how it was made."""
+    return SimContainer(spec.name, spec.image, "", running, [*spec.args, *extra_args], {
+        "argv": [*spec.command, *spec.args, *extra_args],
+        "env": list(spec.env),
+        "binds": list(spec.binds),
+        "privileged": spec.privileged,
+        "network_mode": spec.network_mode,
+        "pid_mode": spec.pid_mode,
+        "restart": spec.restart,
+        "volumes_from": list(spec.volumes_from),
+        "labels": dict(labels),
+    })
+
+
 class SimHostHandle:
     """A `Host` for one simulated node."""
 
@@ -886,6 +936,9 @@ class SimHostHandle:
 
     def containers(self) -> dict[str, Container]:
         return self.world.containers(self.name)
+
+    def inspect_container(self, name: str) -> ContainerConfig | None:
+        return self.world.inspect_container(self.name, name)
 
     def run_container(self, spec: ServiceSpec, extra_args: Sequence[str] = ()) -> None:
         self.world.run_container(self.name, spec, extra_args)

@@ -275,6 +275,7 @@ _NODE_RULES: dict[tuple[str, str], tuple[str, ...]] = {
     ("authentication.k8s.io", "tokenreviews"): ("create",),
     ("authorization.k8s.io", "subjectaccessreviews"): ("create",),
 }
+RKE_NODE_USER = "system:node"  # the CN of RKE's shared kube-node certificate
 # Read only when a pod bound to the node refers to the object (the node authorizer's graph).
 NODE_GRAPH = ("configmaps", "secrets", "persistentvolumeclaims", "persistentvolumes")
 
@@ -294,6 +295,14 @@ def _rbac(user: User, attrs: Attributes) -> bool:
     if user.name in _COMPONENT_WRITES:
         full = f"{attrs.resource}/{attrs.subresource}" if attrs.subresource else attrs.resource
         return attrs.verb in READ or (attrs.group, full) in _COMPONENT_WRITES[user.name]
+    if user.name == RKE_NODE_USER and "system:nodes" in user.groups:
+        # RKE's ClusterRoleBinding `system:node` (ClusterRole system:node to the group
+        # system:nodes) for its kubelets' one shared certificate, CN system:node, which the
+        # Node authorizer does not know (no node name in it).
+        full = f"{attrs.resource}/{attrs.subresource}" if attrs.subresource else attrs.resource
+        if attrs.group == "" and attrs.resource in NODE_GRAPH:
+            return attrs.verb in READ
+        return attrs.verb in _NODE_RULES.get((attrs.group, full), ())
     return False
 
 
