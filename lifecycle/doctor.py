@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -306,8 +306,9 @@ def _free_space(host: CommandHost, path: str) -> tuple[int | None, str]:
 
 
 def observe(host: CommandHost, node: Node, config: ClusterConfig,
-            now: Callable[[], float] = time.time) -> Facts:
-    """Read every fact `evaluate` needs; HostError when the connection is lost meanwhile."""
+            now: Callable[[], float] = time.time, managed: Collection[str] = ()) -> Facts:
+    """Read every fact `evaluate` needs; HostError when the connection is lost meanwhile.
+    `managed`: containers the state records on this node (adopted ones carry no rkel label)."""
     errors: dict[str, str] = {}
     socket = shlex.quote("unix://" + (node.docker_socket or "/var/run/docker.sock"))
     ok, out = _run(host, f"docker -H {socket} version --format '{{{{.Server.Version}}}}'")
@@ -326,7 +327,7 @@ def observe(host: CommandHost, node: Node, config: ClusterConfig,
     # rkel's own: its containers, and the `old-<name>` copies a replacement sets aside (after a
     # host died mid-replacement, restart=always brings the old copy back on the port)
     rkel_running = frozenset(c.name.removeprefix(OLD_PREFIX) for c in host.containers().values()
-                             if c.running and c.spec_hash)
+                             if c.running and (c.spec_hash or c.name in managed))
     before = now()
     ok, out = _run(host, CLOCK_CMD)
     after = now()
@@ -350,13 +351,13 @@ def node_ref(node: Node) -> NodeRef:
 
 
 def check_host(backend: DoctorBackend, node: Node, config: ClusterConfig,
-               now: Callable[[], float] = time.time) -> HostReport:
+               now: Callable[[], float] = time.time, managed: Collection[str] = ()) -> HostReport:
     """Connect to `node`, observe it and run every check; an unreachable host gets one failed
     `ssh` check and the others skipped."""
     roles = tuple(node.role)
     try:
         host = backend.host(node_ref(node))
-        facts = observe(host, node, config, now)
+        facts = observe(host, node, config, now, managed)
     except HostError as exc:
         fix = ("check the node's address, port, user and SSH key in cluster.yml, that sshd and "
                "Docker run on it and that this machine can reach it; then run `rkel doctor` again")
@@ -368,14 +369,16 @@ def check_host(backend: DoctorBackend, node: Node, config: ClusterConfig,
 
 
 def run_doctor(backend: DoctorBackend, config: ClusterConfig, *, workers: int = DEFAULT_WORKERS,
-               now: Callable[[], float] = time.time, skip: Collection[str] = ()) -> Report:
+               now: Callable[[], float] = time.time, skip: Collection[str] = (),
+               managed: Mapping[str, Collection[str]] | None = None) -> Report:
     """Check every node of `config` but those named in `skip`, all at once (up to `workers`),
-    sorted by node name."""
+    sorted by node name. `managed`: per node, the containers the state records there."""
     nodes = sorted((n for n in config.nodes if n.name not in skip), key=lambda n: n.name)
     if not nodes:
         return Report(())
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(nodes)))) as pool:
-        reports = list(pool.map(lambda n: check_host(backend, n, config, now), nodes))
+        reports = list(pool.map(
+            lambda n: check_host(backend, n, config, now, (managed or {}).get(n.name, ())), nodes))
     return Report(tuple(reports))
 
 

@@ -124,6 +124,9 @@ def test_the_set_aside_copy_of_a_replacement_counts_as_rkels_own_and_skipped_hos
     world.hosts["w1"].containers["old-kubelet"] = SimContainer(
         "old-kubelet", "someone/kubelet", "", True)  # not rkel's: no spec-hash label
     assert failed(doctor.run_doctor(world.backend(), config())) == [("w1", "ports")]
+    # a container the state manages without rkel's label (adopted from RKE) is rkel's too
+    assert doctor.run_doctor(world.backend(), config(),
+                             managed={"w1": {"old-kubelet"}}).exit_code == 0
     # apply skips the nodes it already found unavailable
     assert [h.node for h in doctor.run_doctor(world.backend(), config(), skip={"w1"}).hosts] == ["cp"]
 

@@ -401,7 +401,7 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
             unavailable = {u.node: u.why for u in found}
             budgets = budget_windows(the_plan, strategy)
             if session is not None and run_doctor and config is not None:
-                preflight_doctor(g, be, config, skip=unavailable)
+                preflight_doctor(g, be, config, skip=unavailable, managed=managed_containers(store))
         if confirm is not None:
             confirm()
         before_run = (lambda: prepare(be)) if prepare is not None else None
@@ -420,12 +420,21 @@ def _execute(g: Globals, store: Any, the_plan: Plan | None, config: Any, desired
     return _Ran(result, dict(sorted(getattr(be, "connections", {}).items())), session)
 
 
-def preflight_doctor(g: Globals, be: Any, config: Any, skip: dict[str, str]) -> None:
+def managed_containers(store: Any) -> dict[str, set[str]]:
+    """Per node, the containers the state records (an adopted one carries no rkel label)."""
+    managed: dict[str, set[str]] = {}
+    for svc in store.services():
+        managed.setdefault(svc.node, set()).add(svc.name)
+    return managed
+
+
+def preflight_doctor(g: Globals, be: Any, config: Any, skip: dict[str, str],
+                     managed: dict[str, set[str]]) -> None:
     """`rkel doctor` before a run, on the run's own connections: a failed check refuses the run
     before anything changes (the table and what to do for each failure)."""
     from lifecycle import doctor as checks
 
-    report = checks.run_doctor(be, config, skip=skip)
+    report = checks.run_doctor(be, config, skip=skip, managed=managed)
     if report.exit_code == 0:
         if g.output is Output.text:
             typer.echo(f"notice: doctor: all checks passed on {len(report.hosts)} host(s)", err=True)

@@ -34,7 +34,7 @@ def doctor(
     roles need, clock skew, free disk for etcd and Docker. Changes nothing.
 
     Exit 0 when every check passes, 6 when a host cannot be reached, 7 when a check failed."""
-    from lifecycle.cli import _emit, _fail, _world_path
+    from lifecycle.cli import _emit, _fail, _world_path, managed_containers
 
     g = ctx.obj
     try:
@@ -44,7 +44,8 @@ def doctor(
         with g.store() as store:
             be = _open_backend(g, store, loaded.config, backend, trust_new_hosts, _world_path)
             try:
-                report = checks.run_doctor(be, loaded.config, workers=workers)
+                report = checks.run_doctor(be, loaded.config, workers=workers,
+                                           managed=managed_containers(store))
             finally:
                 be.close()
     except RkelError as exc:
