@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -21,6 +23,7 @@ TESTBED = ROOT / "scenarios" / "testbed" / "testbed.py"
 STATE_DIR = Path(os.environ.get("RKEL_TESTBED_DIR", "/var/lib/rkel-testbed"))
 STANDARD = ("3",)
 BASTION = ("2", "--bastion")
+T = TypeVar("T")
 
 
 def run_testbed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -66,3 +69,21 @@ def testbed() -> Iterator[Testbed]:
 def testbed_up(testbed: Testbed) -> None:
     """The standard testbed: hosts rkn1..3 on 10.77.0.11-13, all roles."""
     testbed.ensure(STANDARD)
+
+
+@contextmanager
+def cluster_story(cls: Callable[[Path, Testbed], T], testbed: Testbed,
+                  factory: pytest.TempPathFactory, name: str) -> Iterator[T]:
+    """A story on the standard 4-host testbed in a fresh workdir; afterwards, whatever happened,
+    an interrupted run is finished and the cluster removed, and the wall times are printed."""
+    testbed.ensure(("4",))
+    story = cls(factory.mktemp(name), testbed)
+    try:
+        yield story
+    finally:
+        workdir: Path = story.workdir  # type: ignore[attr-defined]
+        if (workdir / "cluster.yml").exists():
+            story.rkel("apply", "--resume", "--yes")  # type: ignore[attr-defined]
+            story.rkel("remove", "--force")  # type: ignore[attr-defined]
+        for label, seconds in sorted(story.timings.items()):  # type: ignore[attr-defined]
+            print(f"{label}: {seconds:.1f}s wall")

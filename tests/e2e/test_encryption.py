@@ -28,6 +28,7 @@ import pytest
 from lifecycle import encryption as enc
 from lifecycle.pki import load_state_key
 from store import Store
+from tests.e2e.conftest import cluster_story
 from tests.e2e.test_cluster import ALL_ROLES, HOSTS, ready_nodes
 from tests.e2e.test_upgrade import Upgrade
 
@@ -39,16 +40,8 @@ PLAINTEXT = "e2e-plaintext-password-7f3a"
 
 @pytest.fixture(scope="module")
 def story(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upgrade]:
-    testbed.ensure(("4",))
-    c = Upgrade(tmp_path_factory.mktemp("encryption"), testbed)
-    try:
+    with cluster_story(Upgrade, testbed, tmp_path_factory, "encryption") as c:
         yield c
-    finally:
-        if (c.workdir / "cluster.yml").exists():
-            c.rkel("apply", "--resume", "--yes")  # a story that stopped mid-run
-            c.rkel("remove", "--force")
-        for label, seconds in sorted(c.timings.items()):
-            print(f"{label}: {seconds:.1f}s wall")
 
 
 def raw(c: Upgrade, key: str) -> bytes:

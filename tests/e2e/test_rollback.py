@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import cluster_story
 from tests.e2e.test_cluster import ALL_ROLES, HOSTS, ready_nodes
 from tests.e2e.test_upgrade import NEW, OLD, Upgrade
 
@@ -33,16 +34,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def story(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upgrade]:
-    testbed.ensure(("4",))
-    c = Upgrade(tmp_path_factory.mktemp("rollback"), testbed)
-    try:
+    with cluster_story(Upgrade, testbed, tmp_path_factory, "rollback") as c:
         yield c
-    finally:
-        if (c.workdir / "cluster.yml").exists():
-            c.rkel("apply", "--resume", "--yes")  # a story that stopped mid-run
-            c.rkel("remove", "--force")
-        for label, seconds in sorted(c.timings.items()):
-            print(f"{label}: {seconds:.1f}s wall")
 
 
 def write(c: Upgrade, version: str) -> None:
