@@ -47,6 +47,7 @@ DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 BOOTSTRAP_API_VERSION = "1.41"
 CHANNEL_TIMEOUT = 10.0
 PROBE_TIMEOUT = 5.0
+LOST_GRACE = 1.0  # seconds to let the SSH transport notice its connection is gone
 STOP_TIMEOUT = 10  # seconds Docker waits after SIGTERM before SIGKILL
 HELPER_LABEL = "io.rkel.helper"
 DEFAULT_HELPER_IMAGE = "rancher/rke-tools:v0.1.102"
@@ -210,7 +211,9 @@ class SSHHost:
             code = channel.recv_exit_status()
             channel.close()
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise HostUnreachableError(self.name, f"running a command over SSH failed: {exc}") from None
+            raise HostUnreachableError(
+                self.name, f"running a command over SSH on {self.ref.address} failed ({exc}); "
+                "check that the node is up and sshd runs on it, then run `rkel apply` again") from None
         return code, out.decode(errors="replace"), err.decode(errors="replace")
 
     def _docker_unusable(self) -> NoReturn:
@@ -243,12 +246,29 @@ class SSHHost:
         except docker.errors.APIError as exc:
             raise HostError(self.name, f"{what}: {exc.explanation or exc}") from None
         except (requests.exceptions.Timeout, TimeoutError):
-            raise HostError(self.name, f"{what}: the Docker Engine did not answer in time") from None
+            raise HostUnreachableError(
+                self.name, f"{what}: no answer from {self.ref.address} in time (the host, its "
+                "Docker Engine or the network to it may be down); check the node, then run "
+                "`rkel apply` again") from None
         except (requests.exceptions.ConnectionError, paramiko.SSHException, EOFError,
                 OSError) as exc:
-            raise HostUnreachableError(self.name, f"{what}: lost the connection ({exc})") from None
+            raise HostUnreachableError(self.name, f"{what}: {self._lost(exc)}") from None
         except docker.errors.DockerException as exc:
             raise HostError(self.name, f"{what}: {exc}") from None
+
+    def _lost(self, exc: BaseException) -> str:
+        """Why a Docker API call lost its channel, and what to do: the SSH connection itself went
+        (host down, sshd stopped, network cut), or only the Docker Engine behind it stopped."""
+        addr = f"{self.ref.address}:{self.ref.port}"
+        deadline = time.monotonic() + LOST_GRACE
+        while self.transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the transport's reader notices a closed connection shortly
+        if not self.transport.is_active():
+            return (f"lost the SSH connection to {addr} (the host went down, its sshd stopped or "
+                    "the network dropped it); check that the node is up and sshd runs on it, "
+                    "then run `rkel apply` again")
+        return (f"the Docker Engine on {self.ref.address} stopped answering over SSH ({exc}); "
+                "start it (systemctl start docker), then run `rkel apply` again")
 
     def _remove_leftover_helpers(self) -> None:
         """Helpers an interrupted earlier run left behind (never a running one)."""

@@ -155,8 +155,8 @@ def assert_contained(c: Faults, result: subprocess.CompletedProcess[str], host: 
 
 
 @pytest.mark.parametrize(("daemon", "max_pods", "says"), [
-    ("sshd", 111, "SSH"),  # killed with its sessions: rkel's connection drops
-    ("dockerd", 112, "Docker"),  # stopped as `systemctl stop docker`, containers with it
+    ("sshd", 111, "lost the SSH connection to 10.77.0.14:22"),  # killed with its sessions
+    ("dockerd", 112, "the Docker Engine on 10.77.0.14"),  # as `systemctl stop docker`
 ])
 def test_a_daemon_of_a_worker_stops_mid_change(faults: Faults, daemon: str, max_pods: int,
                                                 says: str) -> None:
