@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
@@ -79,10 +80,13 @@ V = TypeVar("V")
 
 
 @gc_paused
-def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None) -> Desired:
+def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None,
+                    rotations: Mapping[str, int] | None = None) -> Desired:
     """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
 
     `catalog` defaults to the versions shipped with rkel (tests pass their own).
+    `rotations`: certificate name -> how many times `rkel cert rotate` renewed it (the state
+    records it, see `lifecycle.rotate`); none for a cluster never rotated.
     Raises PlanError when config.kubernetes_version has no data in the catalog.
     """
     catalog = catalog or default_catalog()
@@ -96,13 +100,14 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
             f"system_images.kubernetes: rancher/hyperkube:<tag>."
         )
     ctx = _Context(config, catalog.info(version))
+    ctx.rotations = dict(rotations or {})
     nodes = tuple(sorted((_node_desired(ctx, n) for n in config.nodes), key=lambda n: n.name))
     return Desired(
         cluster_name=config.cluster_name,
         kubernetes_version=version,
         nodes=nodes,
         strategy=_strategy(config),
-        cluster_certs=certs.cluster_certs(),
+        cluster_certs=tuple(_rotated(r, ctx.rotations) for r in certs.cluster_certs()),
         prefix_path=config.prefix_path.rstrip("/"),
     )
 
@@ -163,6 +168,7 @@ class _Context:
         self.nginx_proxy = _nginx_proxy(self)
         self.kubelet_mounts = _kubelet_mounts(self)
         self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
+        self.rotations: dict[str, int] = {}
 
     def shared(self, value: V) -> V:
         """One object per distinct value: binds, env, labels, roles... are the same on most
@@ -595,10 +601,25 @@ def _services(
     return tuple(out)
 
 
+def _rotated(request: CertRequest, rotations: Mapping[str, int]) -> CertRequest:
+    count = rotations.get(request.name, 0)
+    return replace(request, rotation=count) if count else request
+
+
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
-    shared = [ctx.cert(c) for c in certs.node_certs(ctx.config, node)]
+    requests = certs.node_certs(ctx.config, node)
+    if ctx.rotations:
+        requests = tuple(_rotated(r, ctx.rotations) for r in requests)
+    shared = [ctx.cert(c) for c in requests]
     node_certs = tuple(c for c, _ in shared)
     cert_hashes = {c.name: h for c, h in shared}
+    if ctx.rotations:
+        # Once a CA was rotated, a leaf's label hash also carries its CA's: each stage of a CA
+        # rotation then restarts every service that verifies peers against that CA, including
+        # those that name only their own kubeconfig.
+        for c in node_certs:
+            if c.ca != c.name and ctx.rotations.get(c.ca) and c.ca in cert_hashes:
+                cert_hashes[c.name] = sha256_hex(f"{cert_hashes[c.name]}/{cert_hashes[c.ca]}")[:16]
     return NodeDesired(
         name=node.name,
         address=node.address,

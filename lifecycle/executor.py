@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from lifecycle import effects, restore
+from lifecycle import effects, restore, rotate
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
 from lifecycle.machines import advance
@@ -372,6 +372,9 @@ class Executor:
         action = step.action
         if action in restore.ACTIONS:
             restore.run_step(self, plan, step)
+            return
+        if action in rotate.ACTIONS:
+            rotate.run_step(self, step)
             return
         if action == "apply-addon":  # cluster-wide: no node
             detail = step.detail or {}

@@ -18,7 +18,7 @@ from typing import Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle import restore
+from lifecycle import restore, rotate
 from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
@@ -127,7 +127,7 @@ class Planned:
 def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config, rotations=rotate.rotations(store))
     if store.nodes():
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
@@ -183,7 +183,8 @@ def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) ->
     """The snapshot taken before a disruptive run, of the cluster as it runs (the caller holds
     the lock)."""
     loaded = running_config(store, config)
-    return save_snapshot(store, backend, loaded.config, compile_desired(loaded.config),
+    return save_snapshot(store, backend, loaded.config,
+                         compile_desired(loaded.config, rotations=rotate.rotations(store)),
                          f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
                          folder=folder)
 
@@ -211,7 +212,7 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     row = restore.target(store, name)
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
-    desired = compile_desired(loaded.config)
+    desired = compile_desired(loaded.config, rotations=rotate.rotations(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))
