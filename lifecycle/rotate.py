@@ -179,13 +179,13 @@ def plan_rotation(config: ClusterConfig, store: Store, current: Current,
         after = {**counts, **{n: counts.get(n, 0) + 1 for n in renew}}
         desired = compile_desired(config, rotations=after)
         then = diff(current, desired)
-        groups = (_mint_group("leaves", desired, after, renew, [], kubeconfig), *then.groups)
-        return Rotation(_joined(then, groups, current), tuple(renew), ())
+        first = _mint_group("leaves", desired, after, renew, [], kubeconfig)
+        return Rotation(_joined(then, (first, *then.groups), current), tuple(renew), ())
     requests = collect_requests(before)
     cas = [ca for ca in CA_ORDER if ca in requests]
     leaves = sorted(n for n, r in requests.items() if not is_ca(r) and r.ca in cas
                     and n not in STICKY)
-    stages = [
+    stages: list[tuple[str, dict[str, int], list[str]]] = [
         ("ca-trust", {**counts, **{ca: counts.get(ca, 0) + 1 for ca in cas}}, []),
     ]
     issued = {**stages[0][1], **{n: counts.get(n, 0) + 1 for n in leaves}}
@@ -316,7 +316,7 @@ def expiry(store: Store, now: datetime | None = None) -> list[dict[str, Any]]:
     """Every stored certificate's expiry (not-after, UTC), days left, and whether it is within
     30 days; the service-account key is a key only, without expiry. Sorted by name."""
     now = now or datetime.now(UTC)
-    out = []
+    out: list[dict[str, Any]] = []
     for row in sorted(store.certificates(), key=lambda r: r.name):
         if row.name == names.SERVICE_ACCOUNT_TOKEN:
             out.append({"name": row.name, "not_after": None, "days_left": None, "warn": False})
