@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
@@ -82,7 +83,8 @@ V = TypeVar("V")
 @gc_paused
 def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None,
                     encryption_keys: tuple[str, ...] | None = None,
-                    pki_layout: str = "rkel") -> Desired:
+                    pki_layout: str = "rkel",
+                    rotations: Mapping[str, int] | None = None) -> Desired:
     """The whole cluster as `config` wants it. Pure: same config, same Desired, same hashes.
 
     `catalog` defaults to the versions shipped with rkel (tests pass their own).
@@ -90,6 +92,8 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
     encrypting (default: a new cluster's first key; see `lifecycle.encryption`).
     `pki_layout`: "rkel" (rkel's certificates) or "rke" (a cluster adopted from RKE keeps
     RKE's, see `lifecycle.rke_layout`).
+    `rotations`: certificate name -> how many times `rkel cert rotate` renewed it (the state
+    records it, see `lifecycle.rotate`); none for a cluster never rotated.
     Raises PlanError when config.kubernetes_version has no data in the catalog.
     """
     catalog = catalog or default_catalog()
@@ -105,13 +109,14 @@ def compile_desired(config: ClusterConfig, catalog: VersionCatalog | None = None
     ctx = _Context(config, catalog.info(version), pki_layout)
     ctx.encryption = encryption.desired(
         config.services.kube_api.secrets_encryption_config, encryption_keys)
+    ctx.rotations = dict(rotations or {})
     nodes = tuple(sorted((_node_desired(ctx, n) for n in config.nodes), key=lambda n: n.name))
     return Desired(
         cluster_name=config.cluster_name,
         kubernetes_version=version,
         nodes=nodes,
         strategy=_strategy(config),
-        cluster_certs=certs.cluster_certs(),
+        cluster_certs=tuple(_rotated(r, ctx.rotations) for r in certs.cluster_certs()),
         prefix_path=config.prefix_path.rstrip("/"),
         encryption=ctx.encryption.providers if ctx.encryption else (),
         encryption_hash=ctx.encryption.hash if ctx.encryption else "",
@@ -178,6 +183,7 @@ class _Context:
         self.kubelet_mounts = _kubelet_mounts(self)
         self._certs: dict[CertRequest, tuple[CertRequest, str]] = {}
         self.encryption: encryption.Encryption | None = None
+        self.rotations: dict[str, int] = {}
 
     def shared(self, value: V) -> V:
         """One object per distinct value: binds, env, labels, roles... are the same on most
@@ -612,11 +618,26 @@ def _services(
     return tuple(out)
 
 
+def _rotated(request: CertRequest, rotations: Mapping[str, int]) -> CertRequest:
+    count = rotations.get(request.name, 0)
+    return replace(request, rotation=count) if count else request
+
+
 def _node_desired(ctx: _Context, node: Node) -> NodeDesired:
     inventory = rke_layout.node_certs if ctx.layout == rke_layout.RKE else certs.node_certs
-    shared = [ctx.cert(c) for c in inventory(ctx.config, node)]
+    requests = inventory(ctx.config, node)
+    if ctx.rotations:
+        requests = tuple(_rotated(r, ctx.rotations) for r in requests)
+    shared = [ctx.cert(c) for c in requests]
     node_certs = tuple(c for c, _ in shared)
     cert_hashes = {c.name: h for c, h in shared}
+    if ctx.rotations:
+        # Once a CA was rotated, a leaf's label hash also carries its CA's: each stage of a CA
+        # rotation then restarts every service that verifies peers against that CA, including
+        # those that name only their own kubeconfig.
+        for c in node_certs:
+            if c.ca != c.name and ctx.rotations.get(c.ca) and c.ca in cert_hashes:
+                cert_hashes[c.name] = sha256_hex(f"{cert_hashes[c.name]}/{cert_hashes[c.ca]}")[:16]
     node_encryption = ""
     if ctx.encryption is not None and "controlplane" in node.role:
         # counted with the certificates: a new key restarts exactly the apiservers, in turn

@@ -31,6 +31,7 @@ from lifecycle.errors import PlanError
 from lifecycle.pki_key import load_state_key
 from lifecycle.plan import Current, Group, Plan, Step, Unit, diff
 from lifecycle.rke_layout import layout_of
+from lifecycle.rotate import rotations
 from lifecycle.spec import Desired, canonical_json
 from store import SetMeta, Store
 
@@ -246,8 +247,8 @@ def rotation_plan(config: ClusterConfig, store: Store, current: Current) -> Rota
             "Put the new key first in custom_config (keep the old one after it), run "
             "`rkel apply`, then drop the old key and run `rkel apply` again")
     active = active_keys(store)
-    layout = layout_of(store)
-    now = compile_desired(config, encryption_keys=active, pki_layout=layout)
+    fixed: dict[str, Any] = {"pki_layout": layout_of(store), "rotations": rotations(store)}
+    now = compile_desired(config, encryption_keys=active, **fixed)
     if (active is None or not _apiservers_ran(current)
             or store.get_meta(enc.APPLIED) != now.encryption_hash):
         raise PlanError("secrets encryption is not in place on this cluster yet (no run has "
@@ -258,9 +259,9 @@ def rotation_plan(config: ClusterConfig, store: Store, current: Current) -> Rota
             f"the cluster does not match its cluster.yml ({len(pending.steps)} step(s) "
             "pending); run `rkel apply` first, then rotate the key")
     new = enc.next_key(active)
-    first = compile_desired(config, encryption_keys=(new, *active), pki_layout=layout)
+    first = compile_desired(config, encryption_keys=(new, *active), **fixed)
     stage1 = diff(current, first)
-    last = compile_desired(config, encryption_keys=(new,), pki_layout=layout)
+    last = compile_desired(config, encryption_keys=(new,), **fixed)
     stage3 = diff(_advanced(current, first), last)
     old = ", ".join(active)
     commit = Step(f"encryption:commit:{new}", "", "encryption-commit",

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
-from lifecycle import effects, encryption_run, restore, rke_import
+from lifecycle import effects, encryption_run, restore, rke_import, rotate
 from lifecycle.encryption import ENCRYPTION_FILE, Encryption
 from lifecycle.errors import RkelError, RunFailedError
 from lifecycle.hosts import Backend, DrainOptions
@@ -385,6 +385,9 @@ class Executor:
             return
         if action in rke_import.ACTIONS:
             rke_import.run_step(self, plan, step)
+            return
+        if action in rotate.ACTIONS:
+            rotate.run_step(self, step)
             return
         if action == "apply-addon":  # cluster-wide: no node
             detail = step.detail or {}

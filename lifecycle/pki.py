@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.fernet import Fernet, InvalidToken
@@ -54,6 +55,9 @@ __all__ = [
 CA_ORDER = (names.KUBE_CA, names.ETCD_CA, names.REQUESTHEADER_CA)
 # Kept once made, like a CA: regenerating the service-account key would void every token.
 STICKY = frozenset({names.SERVICE_ACCOUNT_TOKEN})
+# During a CA rotation the incoming CA is kept as `<ca>:next`, then the outgoing one as
+# `<ca>:previous` (see `lifecycle.rotate`); a node's `<ca>.pem` is the bundle of all of them.
+NEXT, PREVIOUS = ":next", ":previous"
 # Components reach the apiserver through the node-local address (apiserver or nginx-proxy).
 LOCAL_SERVER = "https://127.0.0.1:6443"
 # Components whose kubeconfig is named after their certificate.
@@ -253,8 +257,14 @@ class PKI:
         an existing one is kept even if its request changed. All new certificates are stored in
         one transaction, so a crash leaves either all of them or none.
         """
-        requests = collect_requests(desired)
-        existing = {row.name: row for row in self._store.certificates()}
+        return self.ensure_requests(collect_requests(desired))
+
+    def ensure_requests(self, requests: dict[str, CertRequest], extra_ops: Sequence[Any] = (),
+                        existing: dict[str, CertificateRow] | None = None) -> list[str]:
+        """`ensure` for requests by name; `extra_ops` are stored in the same transaction (even
+        when no certificate is new), and `existing` stands for the stored rows when given."""
+        if existing is None:
+            existing = {row.name: row for row in self._store.certificates()}
         signers = _Signers(self, existing)
         ops: list[PutCertificate] = []
         for req in _generation_order(requests):
@@ -269,8 +279,8 @@ class PKI:
                 continue
             issued = issue_leaf(req, signers.cert(req), signers.key(req))
             ops.append(self._put(req.name, issued, req))
-        if ops:
-            self._store.apply_ops(ops)
+        if ops or extra_ops:
+            self._store.apply_ops([*ops, *extra_ops])
         return sorted(op.name for op in ops)
 
     def _leaf_stale(self, req: CertRequest, row: CertificateRow | None, signers: _Signers) -> bool:
@@ -298,11 +308,20 @@ class PKI:
         return CertMaterial(own, key, self._issuer_pem(name, cert))
 
     def _issuer_pem(self, name: str, cert: x509.Certificate) -> bytes:
+        """The trust bundle of the CA that signed `name` (see `trust_pem`)."""
         for row in self._store.certificates():
             candidate = load_cert(row.cert_pem)
             if candidate.subject == cert.issuer and issued_by(cert, candidate):
-                return row.cert_pem.encode("ascii")
+                return self.trust_pem(row.name.split(":")[0])
         raise StateError(f"the CA that signed {name} is not in the state {self._store.path}")
+
+    def trust_pem(self, ca: str) -> bytes:
+        """CA `ca`'s certificate, followed by the CA replacing it or being replaced by it while a
+        CA rotation is under way: everything that verifies against `ca` trusts both then."""
+        rows = [self._row(ca)]
+        rows += [r for r in (self._store.certificate(ca + NEXT), self._store.certificate(ca + PREVIOUS))
+                 if r is not None]
+        return b"".join(r.cert_pem.encode("ascii") for r in rows)
 
     def expiries(self) -> list[tuple[str, datetime]]:
         """(name, notAfter in UTC) of every stored certificate, sorted by name."""
@@ -340,7 +359,8 @@ class PKI:
                     f"certificate {req.name} in the state is older than its request; "
                     "generate certificates (PKI.ensure) before delivering them"
                 )
-            files[cert_path(req.name)] = row.cert_pem.encode("ascii")
+            files[cert_path(req.name)] = (self.trust_pem(req.name) if is_ca(req)
+                                          else row.cert_pem.encode("ascii"))
             if not is_ca(req):
                 files[key_path(req.name)] = self._decrypt(row)
         kubeconfigs = [(c, c) for c in _COMPONENT_KUBECONFIGS if c in wanted]

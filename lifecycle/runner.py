@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
-from lifecycle import encryption_run, restore, rke_import
+from lifecycle import encryption_run, restore, rke_import, rotate
 from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
@@ -83,6 +83,16 @@ def open_store(state: Path | None, config: Path) -> Store:
         raise StateError(f"{path}: {exc}") from exc
 
 
+def desired_for(config: ClusterConfig, store: Store, **given: Any) -> Desired:
+    """`compile_desired` of `config` with what the state records of the cluster: its
+    certificate layout, the secrets encryption keys in use and the certificate rotation counts
+    (`given` overrides any of them)."""
+    known: dict[str, Any] = {"pki_layout": pki_layout(store),
+                             "encryption_keys": encryption_run.active_keys(store),
+                             "rotations": rotate.rotations(store)}
+    return compile_desired(config, **{**known, **given})
+
+
 def pki_layout(store: Store) -> str:
     """The certificate layout the cluster runs with: "rkel", or "rke" once adopted from RKE."""
     return layout_of(store)
@@ -132,8 +142,7 @@ class Planned:
 def make_plan(config: Path, store: Store, only: tuple[str, ...] = ()) -> Planned:
     """Load cluster.yml, compile it and diff it with the store (limited to `only` phases)."""
     loaded = load_config(config)
-    desired = compile_desired(loaded.config, encryption_keys=encryption_run.active_keys(store),
-                              pki_layout=pki_layout(store))
+    desired = desired_for(loaded.config, store)
     if store.nodes():
         check_version_change(store.get_meta("kubernetes_version", "") or "", desired.kubernetes_version)
     notes: list[str] = []
@@ -192,7 +201,7 @@ def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) ->
     the lock)."""
     loaded = running_config(store, config)
     return save_snapshot(store, backend, loaded.config,
-                         compile_desired(loaded.config, pki_layout=pki_layout(store)),
+                         desired_for(loaded.config, store),
                          f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
                          folder=folder)
 
@@ -220,8 +229,7 @@ def plan_rollback(config: Path, store: Store, name: str | None) -> RollbackPlan:
     row = restore.target(store, name)
     text = restore.recorded_config(row, load_state_key(Path(store.path)))
     loaded = load_config_text(text, f"cluster.yml recorded with snapshot {row.name}")
-    desired = compile_desired(loaded.config, encryption_keys=encryption_run.rollback_keys(store),
-                              pki_layout=pki_layout(store))
+    desired = desired_for(loaded.config, store, encryption_keys=encryption_run.rollback_keys(store))
     addons = compile_addons(loaded.config, config.parent, source=str(config))
     current = current_state(store)
     timeout = max(ADDON_TIMEOUT, float(loaded.config.addon_job_timeout or 0))

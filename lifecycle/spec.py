@@ -214,10 +214,16 @@ class CertRequest:
     organizations: tuple[str, ...] = ()
     sans: tuple[str, ...] = ()
     ca: str = "kube-ca"  # which CA signs it ("kube-ca" or "kube-etcd-ca")
+    # How many times `rkel cert rotate` renewed it: a new value is a new request, so the
+    # certificate is issued again and what reads it restarts. 0 is left out of the hash.
+    rotation: int = 0
 
     @property
     def hash(self) -> str:
-        return sha256_hex(canonical_json(asdict(self)))[:16]
+        data = asdict(self)
+        if not data["rotation"]:
+            data.pop("rotation")
+        return sha256_hex(canonical_json(data))[:16]
 
 
 # CertRequest's fields in the order canonical_json writes them (sorted), with their keys.
@@ -232,6 +238,10 @@ def cert_hash(request: CertRequest) -> str:
     parts = []
     for name, key in _CERT_FIELDS:
         value = getattr(request, name)
+        if name == "rotation":
+            if value:
+                parts.append(f"{key}{int(value)}")
+            continue
         parts.append(key + (_encode_str(value) if type(value) is str else strings_json(value)))
     return sha256_hex("{" + ",".join(parts) + "}")[:16]
 

@@ -13,6 +13,7 @@ from typing import Any
 from store.rows import (
     NODE_FIELDS,
     SERVICE_FIELDS,
+    DeleteCertificate,
     DeleteNode,
     DeleteService,
     PutCertificate,
@@ -95,5 +96,7 @@ def apply_op(conn: sqlite3.Connection, op: StateOp, at: str) -> None:
                 op.hash,
             ],
         )
+    elif isinstance(op, DeleteCertificate):
+        conn.execute("DELETE FROM certificates WHERE name = ?", [op.name])
     else:
         raise TypeError(f"not a state operation: {op!r}")

@@ -347,4 +347,12 @@ class PutCertificate:
     hash: str = ""
 
 
-StateOp = UpsertNode | DeleteNode | UpsertService | DeleteService | SetMeta | PutCertificate
+@dataclass(frozen=True)
+class DeleteCertificate:
+    """Forget one certificate and its key (a CA dropped at the end of a CA rotation)."""
+
+    name: str
+
+
+StateOp = (UpsertNode | DeleteNode | UpsertService | DeleteService | SetMeta | PutCertificate
+           | DeleteCertificate)

@@ -17,9 +17,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lifecycle import __version__, runner
+from lifecycle import __version__, rotate, runner
 from lifecycle.cli import render
 from lifecycle.cli.rollback import rollback_command, rollback_json, rollback_text
+from lifecycle.cli.cert import cert_app
 from lifecycle.cli.config_cmd import config as config_generate
 from lifecycle.cli.doctor import doctor as doctor_command
 from lifecycle.cli.import_cmd import import_command
@@ -61,6 +62,7 @@ app.add_typer(hosts_app, name="hosts")
 state_app = typer.Typer(help="The state database.", no_args_is_help=True)
 app.add_typer(state_app, name="state")
 app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(cert_app, name="cert")
 
 
 class Output(str, Enum):
@@ -211,8 +213,13 @@ def plan(
                 warnings.insert(0, f"{interrupted}; this plan is what a new run would do after it")
             if check:
                 warnings += _check_nodes(g, store, planned, backend)
+            expiry = rotate.expiry(store)
+            warnings += rotate.expiry_warnings(expiry)
             text = render.plan_text(planned.plan, warnings)
             data = render.plan_json(planned.plan, warnings)
+            data["certificates"] = expiry
+            if expiry:
+                text += "\n\nCertificates:\n" + rotate.expiry_text(expiry)
             reason = runner.snapshot_reason(planned.plan, store)
             data["snapshot_first"] = reason
             if reason:
@@ -542,16 +549,25 @@ def status(ctx: typer.Context) -> None:
         with g.store() as store:
             nodes, services = store.nodes(), store.services()
             runs = store.runs()
+            expiry = rotate.expiry(store)
     except RkelError as exc:
         raise _fail(g, exc) from None
     last = runs[0] if runs else None
+    text = render.status_text(nodes, services, last)
+    warnings = rotate.expiry_warnings(expiry)
+    if expiry:
+        text += "\n\n" + rotate.expiry_text(expiry)
+    if warnings:
+        text += "\n\n" + "\n".join(f"warning: {w}" for w in warnings)
     _emit(
         g,
-        render.status_text(nodes, services, last),
+        text,
         {
             "nodes": [vars(n) for n in nodes],
             "services": [{k: v for k, v in vars(s).items() if k != "spec"} for s in services],
             "last_run": vars(last) if last else None,
+            "certificates": expiry,
+            "warnings": warnings,
         },
     )
 

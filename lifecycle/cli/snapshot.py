@@ -20,9 +20,8 @@ import typer
 
 from lifecycle import snapshots
 from lifecycle.config import load_config
-from lifecycle.desired import compile_desired
 from lifecycle.errors import RkelError
-from lifecycle.runner import pki_layout
+from lifecycle.runner import desired_for
 
 snapshot_app = typer.Typer(help="etcd snapshots: save, list, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
 
@@ -83,7 +82,7 @@ def save(
         loaded = load_config(g.config)
         with g.store() as store, snapshots.locked(store, command), \
                 _backend(g, store, loaded.config, backend) as be:
-            desired = compile_desired(loaded.config, pki_layout=pki_layout(store))
+            desired = desired_for(loaded.config, store)
             row = snapshots.save_snapshot(store, be, loaded.config, desired, name,
                                           folder=folder or snapshots.default_folder(g.config))
     except RkelError as exc:

@@ -220,6 +220,12 @@ class SSHBackend:
                 self._kube = KubernetesAPI(servers, admin)
             return self._kube
 
+    def forget_credentials(self) -> None:
+        """The admin certificate or the CAs changed (a rotation): the next `kube()` uses the
+        new ones."""
+        with self._lock:
+            self._kube = None
+
     def clock(self) -> float:
         return time.monotonic()
 
