@@ -57,8 +57,8 @@ def _rollback(sim: SimCluster, tmp_path: Path, crash_after: int | None = None) -
     after that many journal writes and resume. Returns the journal writes of the first try."""
     rb = plan_rollback(tmp_path / "cluster.yml", sim.store, None)
     writes = []
-    sim._crash_at = crash_after
-    start = sim.store._journal_writes
+    start = sim.store._journal_writes  # the store counts the earlier applies' writes too
+    sim._crash_at = None if crash_after is None else start + crash_after
     try:
         apply_plan(sim.store, sim.world.backend(), rb.plan, SimulatedCerts(), command="rollback",
                    desired=rb.desired, kind="rollback",
@@ -106,7 +106,7 @@ def test_rollback_killed_at_every_journal_write_resumes_to_the_same_end(tmp_path
         where = tmp_path / f"crash-{n}"
         where.mkdir()
         sim = _fresh(where)
-        _rollback(sim, where, crash_after=n)
+        assert _rollback(sim, where, crash_after=n) == -1, f"no crash after write {n}"
         assert sim.mismatches(load_config_text(OLD).config) == [], f"crash after write {n}"
         assert sim.store.get_meta("kubernetes_version") == "v1.30.5-rancher1-1", n
         assert sim.store.verify_journal() == [], n
