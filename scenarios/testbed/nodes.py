@@ -173,7 +173,8 @@ def sshd_config(sd: StateDir, host: Host) -> str:
 
 
 def node_script(sd: StateDir, host: Host) -> str:
-    """The host's init: private mounts, then dockerd and sshd as children, waited for."""
+    """The host's init: private mounts, then dockerd and sshd as children; it stays up (and
+    with it the host's namespaces) until the host is stopped, whatever its daemons do."""
     h = shlex.quote(str(sd.host_dir(host)))
     binds = "\n".join(f"mount --bind {h}/{src} {dst}" for src, dst in BIND_DIRS.items())
     dockerd = shlex.join(dockerd_command(sd, host))
@@ -191,7 +192,8 @@ chmod 0755 /run/sshd
 mount --make-rshared /
 {dockerd} >>{h}/dockerd.log 2>&1 &
 {shlex.join(sshd_command(sd, host))} >>{h}/sshd.log 2>&1 &
-wait
+# The host lives on while a daemon is stopped and started again (stop-sshd, stop-dockerd).
+while :; do sleep 3600; done
 """
 
 
