@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -75,8 +76,13 @@ def group_of(ref: NodeRef) -> str:
     return "worker"
 
 
-def preflight(backend: Backend, refs: list[NodeRef], workers: int = 64) -> list[Unavailable]:
+def preflight(backend: Backend, refs: list[NodeRef], workers: int = 64,
+              repairing: Collection[str] = ()) -> list[Unavailable]:
     """For every node that runs a kubelet already: is it reachable over SSH, and Ready?
+
+    A reachable node in `repairing` (an earlier run failed mid-change on it, which may be why
+    it is NotReady: its kubelet stopped and could not be put back) is not skipped: the run
+    retries its change, which is what brings it back.
 
     Reaching a node opens its connection for the run (one per host, reused). When the
     Kubernetes API itself does not answer, Readiness is not judged (the run will find out)."""
@@ -92,6 +98,8 @@ def preflight(backend: Backend, refs: list[NodeRef], workers: int = 64) -> list[
         try:
             node = kube.node(ref.name)
         except HostError:
+            return None
+        if ref.name in repairing:
             return None
         if node is None:
             return Unavailable(ref.name, group_of(ref), "not registered in Kubernetes")

@@ -389,7 +389,8 @@ def preflight(store: Store, backend: Backend, plan: Plan, workers: int = DEFAULT
     """The nodes already in Kubernetes (a kubelet ran there) that are unreachable or NotReady."""
     in_kube = {s.node for s in store.services() if s.name == "kubelet" and s.spec_hash}
     refs = [r for r in plan.nodes if r.name in in_kube]
-    return budget_preflight(backend, refs, workers)
+    failed = {n.name for n in store.nodes() if n.state == "failed"}
+    return budget_preflight(backend, refs, workers, repairing=failed)
 
 
 # ---------------------------------------------------------------------------- state copy

@@ -180,3 +180,16 @@ def test_syncs_keep_foreign_labels_and_taints_and_end_at_the_last_wanted(
     ours = {(k, e) for k, _, e in taints}
     assert have_taints == sorted(set(taints) | {t for t in foreign_taints
                                                 if (t[0], t[2]) not in ours})
+
+
+def test_a_node_rkel_left_failed_mid_change_is_retried_not_skipped_when_notready() -> None:
+    from lifecycle.budget import preflight
+
+    world, _kube = world_with_node("w1")
+    ref = NodeRef("w1", "10.0.0.1", "10.0.0.1", 22, "rkel", ("worker",))
+    world.set_running("w1", "kubelet", False)  # a replacement stopped it and could not put it back
+    skipped = preflight(world.backend(), [ref])
+    assert [(u.node, u.why) for u in skipped] == [("w1", "NotReady in Kubernetes")]
+    assert preflight(world.backend(), [ref], repairing={"w1"}) == []
+    world.set_reachable("w1", False)  # unreachable is skipped even so: there is nothing to retry on
+    assert [u.node for u in preflight(world.backend(), [ref], repairing={"w1"})] == ["w1"]
