@@ -81,7 +81,15 @@ def replace_service(
     have = containers.get(spec.name)
     old = containers.get(aside)
     if have is not None and have.spec_hash == spec.hash:
-        if not have.running:
+        if old is not None and old.running:
+            # both run: the Docker Engine restarted (restart=always) mid-replacement. Host
+            # networking: the old copy may hold the ports the new one needs, and would answer
+            # its health check; stop it, then start the new one afresh.
+            host.stop_container(aside)
+            if have.running:
+                host.stop_container(spec.name)
+            have = None
+        if have is None or not have.running:
             host.start_container(spec.name)
     else:
         if have is not None:

@@ -104,6 +104,8 @@ def _interrupted(world: SimWorld, point: str) -> None:
         "new created stopped, old not removed": [c["aside"](False), c["new"](False)],
         "old in service, a stale old- copy beside it": [c["old"](True), c["stale"](False)],
         "old stopped, a stale old- copy beside it": [c["old"](False), c["stale"](False)],
+        # the Docker Engine restarted mid-replacement and brought both back (restart=always)
+        "both running again after the engine restarted": [c["aside"](True), c["new"](True)],
     }
     h.containers = {x.name: x for x in layouts[point]}
 
@@ -115,6 +117,7 @@ POINTS = [
     "new created stopped, old not removed",
     "old in service, a stale old- copy beside it",
     "old stopped, a stale old- copy beside it",
+    "both running again after the engine restarted",
 ]
 
 
@@ -126,6 +129,32 @@ def test_replace_after_an_interruption_converges(world: SimWorld, host: Host, po
     # Redoing it once more changes nothing.
     effects.replace_service(host, NEW, world.sleep)
     assert containers(world) == ONLY_NEW
+
+
+def test_with_both_copies_back_the_old_one_stops_before_the_new_one_is_checked(
+        world: SimWorld, host: Host) -> None:
+    # host networking: a running old copy would hold the ports and answer the health check
+    _interrupted(world, "both running again after the engine restarted")
+    calls: list[tuple[str, str]] = []
+
+    class Recording:
+        def __getattr__(self, op: str) -> object:
+            real = getattr(host, op)
+            if not callable(real):
+                return real
+
+            def record(*args: object, **kwargs: object) -> object:
+                first = args[0] if args else ""
+                calls.append((op, first if isinstance(first, str) else ""))
+                return real(*args, **kwargs)
+            return record
+
+    effects.replace_service(Recording(), NEW, world.sleep)  # type: ignore[arg-type]
+    assert containers(world) == ONLY_NEW
+    stopped_old = calls.index(("stop_container", "old-kubelet"))
+    started_new = calls.index(("start_container", "kubelet"))
+    first_probe = next(i for i, (op, _) in enumerate(calls) if op == "probe")
+    assert stopped_old < started_new < first_probe, calls
 
 
 @pytest.mark.parametrize("point", POINTS)

@@ -71,10 +71,9 @@ class Faults(Upgrade):
         """Every node Ready, schedulable, at this story's version and flag; nothing left to do;
         the state passes its own checks."""
         release = self.version.split("-")[0]
-        nodes = ready_nodes(self, 4, lambda n: n["status"]["nodeInfo"]["kubeletVersion"] == release)
+        nodes = ready_nodes(self, 4, lambda n: n["status"]["nodeInfo"]["kubeletVersion"] == release
+                            and n["status"]["capacity"]["pods"] == str(self.max_pods))
         assert not [n["metadata"]["name"] for n in nodes if n["spec"].get("unschedulable")]
-        for n in nodes:
-            assert n["status"]["capacity"]["pods"] == str(self.max_pods), n["status"]["capacity"]
         plan = self.rkel("plan")
         assert plan.returncode == 0 and "No changes" in plan.stdout, plan.stdout + plan.stderr
         verify = self.rkel("state", "verify")
