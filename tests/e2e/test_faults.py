@@ -128,7 +128,7 @@ def faults(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
             c.rkel("remove", "--force")
         for label, seconds in sorted(c.timings.items()):
             print(f"{label}: {seconds:.1f}s wall")
-        subprocess.run(["umount", str(workdir)], check=False)
+        subprocess.run(["umount", "--lazy", str(workdir)], check=False)
 
 
 def run_with_fault(c: Faults, label: str, condition: Callable[[], bool],
@@ -229,8 +229,11 @@ def test_state_disk_full_mid_run_then_resume(faults: Faults) -> None:
     journaled = c.journal_rows()
     assert journaled >= before + 6
     filler.unlink()
-    integrity = sqlite3.connect(str(c.state)).execute("pragma integrity_check").fetchone()[0]
-    assert integrity == "ok"
+    db = sqlite3.connect(str(c.state))
+    try:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()  # an open file keeps the tmpfs busy at unmount
     started = time.monotonic()
     resumed = c.rkel("apply", "--resume", "--yes")
     c.timings["disk-full-resume"] = time.monotonic() - started
@@ -244,8 +247,11 @@ def test_lock_of_a_killed_run_is_taken_over(faults: Faults) -> None:
     c.change(max_pods=114)
     crashed = c.rkel("apply", "--yes", env={"RKEL_CRASH_AFTER_JOURNAL_WRITES": "5"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
-    with sqlite3.connect(f"file:{c.state}?mode=ro", uri=True) as db:
+    db = sqlite3.connect(f"file:{c.state}?mode=ro", uri=True)
+    try:
         held = db.execute("select * from lock").fetchall()
+    finally:
+        db.close()
     assert held, "the killed run left no lock to take over"
     status = c.rkel("-o", "json", "status")
     assert status.returncode == 0, status.stderr
