@@ -114,6 +114,14 @@ def faults(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
                     str(workdir)], check=True)
     c = Faults(workdir, testbed)
     try:
+        for host in ROLES:  # an earlier module's cluster may have left its containers and data
+            client = c.engine(host)
+            try:
+                for container in client.containers.list(all=True):
+                    container.remove(force=True, v=True)
+            finally:
+                client.close()
+            c.ssh(host, "rm -rf /etc/kubernetes/ssl /var/lib/etcd/member /opt/rke; true")
         c.change()
         c.apply("apply-3-all-roles-1-worker-1.29")
         c.converged()
