@@ -19,8 +19,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
+import requests
 
+from lifecycle.errors import HostError, HostUnreachableError
+from lifecycle.hosts.docker_ssh import SSHHost
+from lifecycle.spec import NodeRef
 from tests.test_rollback import NEW, OLD
 
 ROOMS = (150_000, 100_000, 70_000)  # bytes left free before the upgrade starts
@@ -104,3 +109,50 @@ def test_secrets_encryption_is_planned_not_silently_ignored(tmp_path: Path) -> N
     args = [a for g in data["groups"] for u in g["units"] for s in u["steps"]
             if s.get("service") == "kube-apiserver" for a in s["spec"]["args"]]
     assert "--encryption-provider-config=/etc/kubernetes/ssl/encryption.yaml" in args
+
+
+# --------------------------------------------------------------- an engine stopping mid-call
+class _Api:
+    """A Docker API whose engine is (or is not) still up when a call fails with a 500."""
+
+    def __init__(self, up: bool) -> None:
+        self.up, self.pings = up, 0
+
+    def ping(self) -> bool:
+        self.pings += 1
+        if not self.up:
+            raise requests.exceptions.ConnectionError("channel closed")
+        return True
+
+
+def _server_error(text: str) -> docker.errors.APIError:
+    response = requests.Response()
+    response.status_code = 500
+    return docker.errors.APIError("500 Server Error", response=response, explanation=text)
+
+
+def _host(api: _Api) -> SSHHost:
+    host = SSHHost.__new__(SSHHost)
+    host.name, host.api = "rkn4", api  # type: ignore[assignment]
+    host.ref = NodeRef("rkn4", "10.77.0.14", "10.77.0.14", 22, "rkel", ("worker",))
+    return host
+
+
+@pytest.mark.parametrize(("up", "error", "says"), [
+    (False, HostUnreachableError, "the Docker Engine on 10.77.0.14 stopped answering over SSH "
+     "(database not open); start it (systemctl start docker)"),
+    (True, HostError, "creating container kubelet: database not open"),
+])
+def test_an_engine_error_while_it_shuts_down_says_the_engine_stopped(
+        up: bool, error: type[HostError], says: str) -> None:
+    """dockerd stopping answers the calls in flight with its own errors ("database not open"):
+    when the engine no longer answers a ping, that is the engine gone (the node is unreachable,
+    start Docker), not a failed request on a working engine."""
+    api = _Api(up)
+    host = _host(api)
+    with pytest.raises(HostError) as raised:
+        with host._docker("creating container kubelet"):
+            raise _server_error("database not open")
+    assert type(raised.value) is error
+    assert says in str(raised.value)
+    assert api.pings == (2 if up else 1)

@@ -244,7 +244,12 @@ class SSHHost:
         try:
             yield
         except docker.errors.APIError as exc:
-            raise HostError(self.name, f"{what}: {exc.explanation or exc}") from None
+            said = exc.explanation or exc
+            if exc.is_server_error() and not self._engine_answers():
+                # an engine shutting down answers in-flight calls with errors of its own
+                # ("database not open"): that is the engine stopping, not a bad request
+                raise HostUnreachableError(self.name, f"{what}: {self._engine_stopped(said)}") from None
+            raise HostError(self.name, f"{what}: {said}") from None
         except (requests.exceptions.Timeout, TimeoutError):
             raise HostUnreachableError(
                 self.name, f"{what}: no answer from {self.ref.address} in time (the host, its "
@@ -267,8 +272,24 @@ class SSHHost:
             return (f"lost the SSH connection to {addr} (the host went down, its sshd stopped or "
                     "the network dropped it); check that the node is up and sshd runs on it, "
                     "then run `rkel apply` again")
-        return (f"the Docker Engine on {self.ref.address} stopped answering over SSH ({exc}); "
+        return self._engine_stopped(exc)
+
+    def _engine_stopped(self, said: object) -> str:
+        return (f"the Docker Engine on {self.ref.address} stopped answering over SSH ({said}); "
                 "start it (systemctl start docker), then run `rkel apply` again")
+
+    def _engine_answers(self, tries: int = 2) -> bool:
+        """Whether the engine still answers a ping (asked twice, a second apart: an engine that
+        is shutting down may answer the first)."""
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(1.0)
+            try:
+                self.api.ping()
+            except (requests.exceptions.RequestException, docker.errors.DockerException,
+                    paramiko.SSHException, OSError, EOFError):
+                return False
+        return True
 
     def _remove_leftover_helpers(self) -> None:
         """Helpers an interrupted earlier run left behind (never a running one)."""

@@ -128,8 +128,7 @@ def faults(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
         c.put_keys("before", 10)
         yield c
     finally:
-        for args in (("heal", "3"), ("heal", "4"), ("start-sshd", "4"), ("start-dockerd", "4")):
-            run_testbed(*args)
+        repair_testbed()
         if (c.workdir / "cluster.yml").exists():
             (c.workdir / "filler").unlink(missing_ok=True)
             c.rkel("apply", "--resume", "--yes")  # if a story left a run interrupted
@@ -137,6 +136,22 @@ def faults(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
         for label, seconds in sorted(c.timings.items()):
             print(f"{label}: {seconds:.1f}s wall")
         subprocess.run(["umount", "--lazy", str(workdir)], check=False)
+
+
+REPAIRS = (("heal", "3"), ("heal", "4"), ("start-sshd", "4"), ("start-dockerd", "4"))
+
+
+def repair_testbed() -> None:
+    """Undo every fault a story injects (each is a no-op when there is nothing to undo)."""
+    for args in REPAIRS:
+        run_testbed(*args)
+
+
+@pytest.fixture(autouse=True)
+def repaired(faults: Faults) -> Iterator[None]:
+    """A story that fails before its own repair must not leave its fault to the next one."""
+    yield
+    repair_testbed()
 
 
 def run_with_fault(c: Faults, label: str, condition: Callable[[], bool],
