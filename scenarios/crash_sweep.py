@@ -6,8 +6,13 @@ itself with SIGKILL right after its Nth journal write, as a kill -9 would). Oper
 
 - apply: a fresh cluster (every host emptied with `rkel remove --force` before each try);
 - upgrade: v1.30.5 -> v1.31.1 of a running cluster (with its automatic snapshot);
-- rollback: back to the snapshot taken before that upgrade (which also brings the cluster back
-  to 1.30, the start of the next upgrade try).
+- rollback: back to the snapshot taken before that upgrade.
+
+The tries are chained, each starting where the previous one left the cluster: apply (ends at
+1.30), upgrade (ends at 1.31), rollback (ends at 1.30 again), apply, ... so a try never waits on
+a run it does not need. Each try is appended to a record (`--record`, one JSON line per try):
+run the same command again, in this session or a later one, and it goes on with the tries not
+yet made (`--hours H` stops starting tries after H hours).
 
 After each `rkel apply --resume`, the checks: `rkel plan` has nothing left to do (the cluster
 converged to cluster.yml); every etcd key written before the run is there (for a rollback: the
@@ -16,12 +21,14 @@ etcd nodes, each once; no `old-*` or `rkel-helper-*` container on any host, and 
 container there once; the cluster CA is the one from before; the state file passes
 `PRAGMA integrity_check` and its journal's hash chain is intact.
 
-Needs the testbed up (`scenarios/testbed/testbed.py up 4`). Prints one line per try and
-`<operation>: N passed, N failed; slowest resume S s` at the end; exit status 1 if any failed.
+Needs the testbed up (`scenarios/testbed/testbed.py up 4`). Prints one line per try and, at
+the end, `<operation>: N passed, N failed; slowest resume S s` over every try recorded for the
+chosen boundaries; exit status 1 if any failed.
 
-  .venv/bin/python scenarios/crash_sweep.py --workdir /tmp/sweep            # every boundary
-  .venv/bin/python scenarios/crash_sweep.py --workdir /tmp/sweep --every 10 # every 10th
-  .venv/bin/python scenarios/crash_sweep.py --workdir /tmp/sweep --points apply=7,upgrade=12
+  .venv/bin/python scenarios/crash_sweep.py --workdir /var/tmp/sweep               # every boundary
+  .venv/bin/python scenarios/crash_sweep.py --workdir /var/tmp/sweep --hours 2     # then again later
+  .venv/bin/python scenarios/crash_sweep.py --workdir /var/tmp/sweep --every 10    # every 10th
+  .venv/bin/python scenarios/crash_sweep.py --workdir /var/tmp/sweep --points 'apply=7;upgrade=12'
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ class Tally:
     failed: list[str] = field(default_factory=list)
     slowest: float = 0.0
     total: int = 0  # journal writes of an uncrashed run
+    chosen: int = 0  # boundaries chosen to try
+    tried: int = 0  # of them, tried (in this session or an earlier one)
 
 
 class Sweep:
@@ -101,13 +110,6 @@ class Sweep:
             raise RuntimeError(f"rkel {' '.join(args)} failed ({result.returncode}):"
                                f" {result.stderr.strip()[-800:]}")
         return result
-
-    def planned_writes(self, op: str) -> int:
-        """Journal writes of the run `op` would start now: an intent and a done row per step."""
-        args = ("plan", "--rollback") if op == "rollback" else ("plan",)
-        data = json.loads(self.must("-o", "json", *args).stdout)
-        plan = data.get("plan", data)
-        return 2 * sum(len(u["steps"]) for g in plan["groups"] for u in g["units"])
 
     # ------------------------------------------------------------------ etcd and hosts
     def _client_files(self) -> dict[str, Path]:
@@ -200,9 +202,10 @@ class Sweep:
             found.append("the cluster CA changed")
         return found
 
-    # ------------------------------------------------------------------ one try
-    def crash_and_resume(self, op: str, crash: int) -> tuple[str, float]:
-        """(outcome, seconds of the resume): killed, then resumed; or it finished first."""
+    # ------------------------------------------------------------------ the runs
+    def killed(self, op: str, crash: int) -> tuple[str, float]:
+        """(outcome, seconds of the resume): killed after write `crash`, then resumed; or it
+        finished first."""
         crashed = self.rkel("rollback" if op == "rollback" else "apply", "--yes", crash=crash)
         if crashed.returncode == 0:
             return "finished before the crash point", 0.0
@@ -212,73 +215,196 @@ class Sweep:
         self.must("apply", "--resume", "--yes")
         return "killed and resumed", time.monotonic() - started
 
-    def fresh(self) -> None:
+    def remove(self) -> None:
         if self.state.exists():
             self.rkel("apply", "--resume", "--yes")
             self.must("remove", "--force")
 
-    def at_old_version(self) -> None:
-        """A 1.30 cluster (made once; a rollback try leaves it there again)."""
-        with Store.open(self.state) as store:
-            running = store.get_meta("kubernetes_version") == OLD and store.nodes()
-        self.write(OLD)
-        if not running:
-            self.fresh()
-            self.must("apply", "--yes")
-        self.must("snapshot", "prune", "--keep", "1")
+
+@dataclass
+class Start:
+    """What a try's checks compare against: the version it ends at, the etcd keys that must be
+    there and those that must be gone, the cluster CA before it ("" for a fresh cluster)."""
+
+    version: str
+    kept: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    ca: str = ""
 
 
-def run_operation(sweep: Sweep, op: str, points: list[int] | None = None, every: int = 1,
-                  sample: int = 0, seed: int = 0, log: Any = print) -> Tally:
-    """Try `op` with a crash at `points`, or at `sample` boundaries drawn with `seed`, or at
-    every `every`-th boundary."""
-    tally = Tally()
+class Chain:
+    """Runs the operations one after the other, each starting where the previous one left the
+    cluster: a fresh apply (every host emptied first) leaves it at 1.30; an upgrade leaves it at
+    1.31 with the automatic snapshot of 1.30; a rollback to that snapshot leaves it at 1.30 again,
+    where the next upgrade starts. A try that is not wanted (its points are all done) runs
+    uncrashed when the next one needs where it leads."""
 
-    def prepare() -> tuple[str, list[str], list[str], str]:
-        """Bring the cluster to where `op` starts; (version after, kept, gone, CA)."""
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+        self.at = "none"  # none | old (1.30) | new (1.31, the snapshot of 1.30 the newest)
+        self.before_upgrade: list[str] = []  # keys written before the last upgrade's snapshot
+
+    def start(self, op: str) -> Start:
+        """Bring the cluster to where `op` starts, then set cluster.yml for it."""
+        s = self.sweep
         if op == "apply":
-            sweep.fresh()
-            sweep.write(OLD)
-            return OLD, [], [], sweep.ca_fingerprint() if sweep.state.exists() else ""
-        sweep.at_old_version()
+            s.remove()
+            s.write(OLD)
+            self.at = "none"
+            return Start(OLD)
         if op == "upgrade":
-            kept = sweep.put_keys(f"before-{time.time_ns()}")
-            sweep.write(NEW)
-            return NEW, kept, [], sweep.ca_fingerprint()
-        # rollback: upgrade first (its automatic snapshot is the target), then write more keys
-        kept = sweep.put_keys(f"before-{time.time_ns()}")
-        sweep.write(NEW)
-        sweep.must("apply", "--yes")
-        gone = sweep.put_keys(f"after-{time.time_ns()}")
-        sweep.write(OLD)  # what the cluster is rolled back to
-        return OLD, kept, gone, sweep.ca_fingerprint()
+            if self.at != "old":
+                self.to_old()
+            self.before_upgrade = s.put_keys(f"before-{time.time_ns()}")
+            s.write(NEW)
+            return Start(NEW, kept=list(self.before_upgrade), ca=s.ca_fingerprint())
+        if self.at != "new":
+            self.run_uncrashed("upgrade")
+        gone = s.put_keys(f"after-{time.time_ns()}")
+        s.write(OLD)  # what the cluster is rolled back to
+        return Start(OLD, kept=list(self.before_upgrade), gone=gone, ca=s.ca_fingerprint())
 
-    version, kept, gone, ca = prepare()
-    tally.total = sweep.planned_writes(op)
-    boundaries = range(1, tally.total)
-    if points:
-        chosen = points
-    elif sample:
-        chosen = sorted(random.Random(f"{seed}-{op}").sample(boundaries, min(sample, len(boundaries))))
-    else:
-        chosen = list(boundaries[::max(1, every)])
-    log(f"{op}: {tally.total} journal writes planned; crash points {chosen}")
-    for index, crash in enumerate(chosen):
-        if index:
-            version, kept, gone, ca = prepare()
+    def ended(self, op: str) -> None:
+        self.at = "new" if op == "upgrade" else "old"
+        if op != "upgrade":  # keep one snapshot: the next upgrade takes its own first
+            self.sweep.must("snapshot", "prune", "--keep", "1")
+
+    def run_uncrashed(self, op: str) -> None:
+        self.start(op)
+        self.sweep.must("rollback" if op == "rollback" else "apply", "--yes")
+        self.ended(op)
+
+    def to_old(self) -> None:
+        """At 1.30: back from 1.31 by a rollback; from nothing (or an unknown state, after a try
+        that went wrong) by a fresh apply."""
+        if self.at == "new":
+            self.run_uncrashed("rollback")
+        elif self.at == "none":
+            self.run_uncrashed("apply")
+
+    def boundaries(self, op: str) -> int:
+        """Journal writes of the run `op` would start now: an intent and a done row per step."""
+        if op == "apply":
+            self.start("apply")
+        elif op == "upgrade" and self.at != "old":
+            self.to_old()
+        elif op == "rollback" and self.at != "new":
+            self.run_uncrashed("upgrade")
+        if op == "upgrade":
+            self.sweep.write(NEW)
+        args = ("plan", "--rollback") if op == "rollback" else ("plan",)
+        data = json.loads(self.sweep.must("-o", "json", *args).stdout)
+        plan = data.get("plan", data)
+        return 2 * sum(len(u["steps"]) for g in plan["groups"] for u in g["units"])
+
+    def crash(self, op: str, crash: int) -> dict[str, Any]:
+        """One try: killed after write `crash`, resumed, checked. What it found, as recorded."""
+        s = self.sweep
+        started = time.monotonic()
         try:
-            outcome, seconds = sweep.crash_and_resume(op, crash)
-            found = sweep.problems(version, kept, gone, ca or sweep.ca_fingerprint())
+            start = self.start(op)
+            outcome, seconds = s.killed(op, crash)
+            found = s.problems(start.version, start.kept, start.gone, start.ca or s.ca_fingerprint())
+            self.ended(op)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             outcome, seconds, found = "error", 0.0, [str(exc)]
-        tally.slowest = max(tally.slowest, seconds)
-        if found:
-            tally.failed.append(f"{op} crash after write {crash}: {'; '.join(found)}")
-            log(f"  {op} @{crash}: FAILED ({outcome}): {'; '.join(found)}")
-        else:
-            tally.passed += 1
-            log(f"  {op} @{crash}: ok ({outcome}, resume {seconds:.1f}s)")
-    return tally
+            self.at = "none"  # unknown: the next try starts afresh
+        return {"op": op, "crash": crash, "outcome": outcome, "resume_s": round(seconds, 1),
+                "try_s": round(time.monotonic() - started, 1), "problems": found}
+
+
+class Record:
+    """Every try made, one JSON line each (appended, flushed), so a sweep stopped for time (or
+    killed) goes on where it was with the same command. A try counts for the journal boundaries
+    it was chosen from: when a change to rkel moves them, earlier tries no longer count."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tries: list[dict[str, Any]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    self.tries.append(json.loads(line))
+
+    def done(self, op: str, total: int) -> dict[int, dict[str, Any]]:
+        return {t["crash"]: t for t in self.tries if t["op"] == op and t["total"] == total}
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.tries.append(entry)
+        with self.path.open("a") as out:
+            out.write(json.dumps(entry, sort_keys=True) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+
+@dataclass
+class Choice:
+    """Which boundaries of an operation to try: `points`, or `sample` drawn with `seed`, or
+    every `every`-th."""
+
+    points: list[int] | None = None
+    every: int = 1
+    sample: int = 0
+    seed: int = 0
+
+    def of(self, op: str, total: int) -> list[int]:
+        boundaries = range(1, total)
+        if self.points:
+            return list(self.points)
+        if self.sample:
+            return sorted(random.Random(f"{self.seed}-{op}").sample(
+                boundaries, min(self.sample, len(boundaries))))
+        return list(boundaries[::max(1, self.every)])
+
+
+def run_sweep(sweep: Sweep, choices: dict[str, Choice], record: Record,
+              budget: float | None = None, log: Any = print) -> dict[str, Tally]:
+    """Try every chosen boundary of each operation not yet in `record`, chaining the operations
+    (apply, upgrade, rollback, apply, ...) so no try waits on a run it does not need. Stops
+    starting tries once `budget` seconds have passed; the tallies cover every recorded try."""
+    chain = Chain(sweep)
+    started = time.monotonic()
+    todo: dict[str, list[int]] = {}
+    tallies = {op: Tally() for op in choices}
+    for op in OPERATIONS:  # the boundaries, counted where each operation starts
+        if op in choices:
+            tallies[op].total = chain.boundaries(op)
+            chosen = choices[op].of(op, tallies[op].total)
+            done = record.done(op, tallies[op].total)
+            todo[op] = [n for n in chosen if n not in done]
+            log(f"{op}: {tallies[op].total} journal writes planned; {len(chosen)} crash points"
+                f" chosen, {len(chosen) - len(todo[op])} already tried")
+    starts_at = {"old": "upgrade", "new": "rollback"}
+    op = starts_at.get(chain.at, "apply")  # first the one that starts where the cluster is
+    while any(todo.values()):
+        if budget is not None and time.monotonic() - started > budget:
+            log(f"stopped for time: {sum(map(len, todo.values()))} tries left; run the same"
+                " command again to go on")
+            break
+        at = OPERATIONS.index(op)
+        op = next(o for o in OPERATIONS[at:] + OPERATIONS[:at] if todo.get(o))
+        crash = todo[op].pop(0)
+        entry = chain.crash(op, crash)
+        entry.update(total=tallies[op].total,
+                     at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        record.add(entry)
+        found = entry["problems"]
+        log(f"  {op} @{crash}: {'FAILED' if found else 'ok'} ({entry['outcome']}, resume"
+            f" {entry['resume_s']}s, try {entry['try_s']}s){': ' + '; '.join(found) if found else ''}")
+        op = OPERATIONS[(OPERATIONS.index(op) + 1) % len(OPERATIONS)]  # then the one after it
+    for op, tally in tallies.items():
+        wanted = set(choices[op].of(op, tally.total))
+        for crash, entry in sorted(record.done(op, tally.total).items()):
+            if crash not in wanted:
+                continue
+            tally.tried += 1
+            tally.slowest = max(tally.slowest, entry["resume_s"])
+            if entry["problems"]:
+                tally.failed.append(f"{op} crash after write {crash}: {'; '.join(entry['problems'])}")
+            else:
+                tally.passed += 1
+        tally.chosen = len(wanted)
+    return tallies
 
 
 def parse_points(text: str) -> dict[str, list[int]]:
@@ -303,25 +429,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0,
                         help="try this many boundaries per operation, drawn with --seed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", type=Path, default=None,
+                        help="tries made so far, one JSON line each (default:"
+                             " <workdir>/sweep-record.jsonl); tries in it are not made again")
+    parser.add_argument("--hours", type=float, default=None,
+                        help="start no try after this long; the same command goes on later")
     args = parser.parse_args(argv)
     sweep = Sweep(args.workdir, args.testbed_dir, args.hosts.split(","))
     points = parse_points(args.points)
-    failed = 0
-    summary = []
+    choices = {op: Choice(points.get(op), args.every, args.sample, args.seed)
+               for op in args.operations.split(",")}
+    record = Record(args.record or args.workdir / "sweep-record.jsonl")
+    budget = args.hours * 3600 if args.hours is not None else None
     try:
-        for op in args.operations.split(","):
-            tally = run_operation(sweep, op, points.get(op), args.every, args.sample, args.seed)
-            failed += len(tally.failed)
-            how = ("chosen points" if op in points else f"{args.sample} drawn (seed {args.seed})"
-                   if args.sample else f"every {args.every}")
-            summary.append(f"{op}: {tally.passed} passed, {len(tally.failed)} failed"
-                           f" ({tally.total} journal boundaries, {how}); slowest resume"
-                           f" {tally.slowest:.1f} s")
+        tallies = run_sweep(sweep, choices, record, budget)
     finally:
-        if sweep.state.exists():
-            sweep.rkel("apply", "--resume", "--yes")
-            sweep.rkel("remove", "--force")
-    print("\n".join(summary))
+        sweep.remove()
+    failed = 0
+    for op, tally in tallies.items():
+        how = ("chosen points" if op in points else f"{args.sample} drawn (seed {args.seed})"
+               if args.sample else f"every {args.every}")
+        left = f", {tally.chosen - tally.tried} not tried yet" if tally.tried < tally.chosen else ""
+        print(f"{op}: {tally.passed} passed, {len(tally.failed)} failed ({tally.total} journal"
+              f" boundaries, {how}{left}); slowest resume {tally.slowest:.1f} s")
+        for line in tally.failed:
+            print(f"  {line}")
+        failed += len(tally.failed)
     return 1 if failed else 0
 
 
