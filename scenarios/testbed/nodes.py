@@ -2,7 +2,8 @@
 
 A host is `nsenter --net=/run/netns/rknI unshare -m -u --propagation private sh node.sh`, started
 as a session leader (its pid is its process group). node.sh bind-mounts the host's own /run,
-/etc/kubernetes, /var/lib/etcd and /opt/rke, then runs dockerd and sshd (TESTBED.md).
+/etc/kubernetes, /var/lib/etcd and /opt/rke, /etc/hosts (its own name) and /etc/resolv.conf (no
+name server), then runs dockerd and sshd (TESTBED.md).
 """
 
 from __future__ import annotations
@@ -149,7 +150,16 @@ def prepare_host(sd: StateDir, host: Host, wipe: bool) -> None:
     shim.chmod(0o755)
     daemon = {"runtimes": {"testbed-runc": {"path": str(shim)}}, "default-runtime": "testbed-runc"}
     (hdir / "daemon.json").write_text(json.dumps(daemon, indent=2) + "\n")
+    (hdir / "hosts").write_text(f"127.0.0.1 localhost\n{host.address} {host.name}\n")
+    (hdir / "resolv.conf").write_text(RESOLV_CONF)
     (hdir / "node.sh").write_text(node_script(sd, host))
+
+
+# No name server is reachable from a host (the machine's own is not: traffic to it would be
+# dropped, and every lookup of a name not in /etc/hosts would wait out resolver timeouts, 2 x 5 s
+# by default, in the host and in its containers). Asking 127.0.0.1, where nothing listens, fails
+# at once, as on a host whose resolver answers "no such name".
+RESOLV_CONF = "# rkel testbed host (generated): no name server\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
 def sshd_config(sd: StateDir, host: Host) -> str:
@@ -187,6 +197,9 @@ mount --bind {h}/run /run
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 {binds}
+# its own name in /etc/hosts, and no name server (host networking gives containers these too)
+mount --bind {h}/hosts /etc/hosts
+mount --bind {h}/resolv.conf /etc/resolv.conf
 # As on a systemd host, mounts are shared (within this namespace only: it was made private
 # first), so the kubelet's `:shared` and `:rslave` binds work.
 mount --make-rshared /
