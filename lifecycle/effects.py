@@ -26,20 +26,38 @@ def old_name(name: str) -> str:
     return OLD_PREFIX + name
 
 
+FIRST_PROBE_DELAYS = (0.25, 0.5, 1.0)  # most services answer within a second or two of starting
+
+
+def probe_delays(spec: ServiceSpec) -> list[float]:
+    """The sleeps between health probes: quick ones first, then the check's interval, for as long
+    as `retries` probes `interval` apart would take (RKE's budget, without its first 2 s wait)."""
+    if spec.health is None:
+        return []
+    budget = (spec.health.retries - 1) * spec.health.interval
+    delays: list[float] = []
+    while sum(delays) < budget:
+        quick = FIRST_PROBE_DELAYS[len(delays)] if len(delays) < len(FIRST_PROBE_DELAYS) else None
+        delays.append(min(quick if quick is not None else spec.health.interval,
+                          spec.health.interval, budget - sum(delays)))
+    return delays
+
+
 def wait_healthy(host: Host, spec: ServiceSpec, sleep: Sleep) -> bool:
     """Probe until healthy or the spec's retry budget is spent. A spec without a check is healthy."""
     if spec.health is None:
         return True
-    for attempt in range(spec.health.retries):
+    for delay in [*probe_delays(spec), None]:
         if host.probe(spec):
             return True
-        if attempt + 1 < spec.health.retries:
-            sleep(spec.health.interval)
+        if delay is not None:
+            sleep(delay)
     return False
 
 
 def _unhealthy(host: Host, spec: ServiceSpec, restored: bool) -> HealthCheckError:
-    budget = f"{spec.health.retries} probes {spec.health.interval:g}s apart" if spec.health else ""
+    delays = probe_delays(spec)
+    budget = f"{len(delays) + 1} probes over {sum(delays):g}s" if spec.health else ""
     tail = "the previous container was put back" if restored else "there was no previous container"
     return HealthCheckError(
         host.name,

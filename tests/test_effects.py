@@ -68,7 +68,7 @@ def test_replace_keeps_the_old_service_when_the_new_one_never_gets_healthy(
     assert info.value.host == NODE
     message = str(info.value)
     assert NEW.image in message
-    assert "3 probes 2s apart" in message
+    assert "6 probes over 4s" in message
     assert "previous container was put back" in message
     # It waited out the probe budget (retries - 1 intervals) before giving up.
     assert world.clock() - before >= (HEALTH.retries - 1) * HEALTH.interval
