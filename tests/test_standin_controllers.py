@@ -458,9 +458,13 @@ def test_a_job_fails_when_its_pods_fail_past_the_backoff_limit(live: Live) -> No
             {}, restartPolicy="Never", nodeSelector={"no": "such-node"})}})
     assert code == 201, got
     (pod,) = wait(live, lambda: pods(api, ns), "the job's pod")
-    pod["status"]["phase"] = "Failed"  # what a kubelet reports for a container that exited 1
-    code, got = api.call("PUT", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status",
-                         pod)
+    for _ in range(20):  # the scheduler may mark it Unschedulable in between: 409, read again
+        pod["status"]["phase"] = "Failed"  # what a kubelet reports for a container that exited 1
+        path = f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}"
+        code, got = api.call("PUT", f"{path}/status", pod)
+        if code != 409:
+            break
+        pod = get(api, path)
     assert code == 200, got
 
     def failed() -> dict[str, Any] | None:
