@@ -42,6 +42,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,12 @@ from lifecycle.runner import CRASH_ENV  # noqa: E402
 from store import Store  # noqa: E402
 
 OLD, NEW = "v1.30.5-rancher1-1", "v1.31.1-rancher1-1"
-ADDRESSES = {"rkn1": "10.77.0.11", "rkn2": "10.77.0.12", "rkn3": "10.77.0.13", "rkn4": "10.77.0.14"}
+
+
+def address(host: str) -> str:
+    """The testbed's address of host rknI."""
+    return f"10.77.0.{10 + int(host[3:])}"
+
 OPERATIONS = ("apply", "upgrade", "rollback")
 
 
@@ -97,7 +103,7 @@ class Sweep:
                               timeout=timeout, check=False)
 
     def write(self, version: str) -> None:
-        nodes = [{"address": ADDRESSES[h], "hostname_override": h, "user": "rkel",
+        nodes = [{"address": address(h), "hostname_override": h, "user": "rkel",
                   "role": ["controlplane", "etcd", "worker"], "ssh_key_path": self.key}
                  for h in self.hosts]
         data = {"cluster_name": "sweep", "kubernetes_version": version, "nodes": nodes,
@@ -126,7 +132,7 @@ class Sweep:
 
     def etcdctl(self, *args: str) -> str:
         files = self._client_files()
-        endpoints = ",".join(f"https://{ADDRESSES[h]}:2379" for h in self.hosts)
+        endpoints = ",".join(f"https://{address(h)}:2379" for h in self.hosts)
         cmd = ["etcdctl", f"--endpoints={endpoints}", f"--cert={files['cert']}",
                f"--key={files['key']}", f"--cacert={files['cacert']}", "--command-timeout=15s",
                *args]
@@ -153,7 +159,7 @@ class Sweep:
     def containers(self) -> dict[str, list[str]]:
         out = {}
         for host in self.hosts:
-            sock = self.testbed_dir / f"n{host[-1]}" / "run" / "docker.sock"
+            sock = self.testbed_dir / f"n{host[3:]}" / "run" / "docker.sock"
             client = docker.DockerClient(base_url=f"unix://{sock}", timeout=30)
             try:
                 out[host] = [c.name for c in client.containers.list(all=True)]
@@ -321,6 +327,7 @@ class Record:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tries: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
         if path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -330,8 +337,8 @@ class Record:
         return {t["crash"]: t for t in self.tries if t["op"] == op and t["total"] == total}
 
     def add(self, entry: dict[str, Any]) -> None:
-        self.tries.append(entry)
-        with self.path.open("a") as out:
+        with self.lock, self.path.open("a") as out:
+            self.tries.append(entry)
             out.write(json.dumps(entry, sort_keys=True) + "\n")
             out.flush()
             os.fsync(out.fileno())
@@ -357,41 +364,65 @@ class Choice:
         return list(boundaries[::max(1, self.every)])
 
 
-def run_sweep(sweep: Sweep, choices: dict[str, Choice], record: Record,
+def run_sweep(sweeps: Sweep | list[Sweep], choices: dict[str, Choice], record: Record,
               budget: float | None = None, log: Any = print) -> dict[str, Tally]:
     """Try every chosen boundary of each operation not yet in `record`, chaining the operations
-    (apply, upgrade, rollback, apply, ...) so no try waits on a run it does not need. Stops
+    (apply, upgrade, rollback, apply, ...) so no try waits on a run it does not need. Several
+    sweeps (lanes: clusters on separate hosts) take tries from the same list side by side. Stops
     starting tries once `budget` seconds have passed; the tallies cover every recorded try."""
-    chain = Chain(sweep)
+    lanes = sweeps if isinstance(sweeps, list) else [sweeps]
+    chains = [Chain(sweep) for sweep in lanes]
     started = time.monotonic()
     todo: dict[str, list[int]] = {}
+    lock = threading.Lock()
     tallies = {op: Tally() for op in choices}
-    for op in OPERATIONS:  # the boundaries, counted where each operation starts
+    for op in OPERATIONS:  # the boundaries, counted where each operation starts (first lane)
         if op in choices:
-            tallies[op].total = chain.boundaries(op)
+            tallies[op].total = chains[0].boundaries(op)
             chosen = choices[op].of(op, tallies[op].total)
             done = record.done(op, tallies[op].total)
             todo[op] = [n for n in chosen if n not in done]
             log(f"{op}: {tallies[op].total} journal writes planned; {len(chosen)} crash points"
                 f" chosen, {len(chosen) - len(todo[op])} already tried")
-    starts_at = {"old": "upgrade", "new": "rollback"}
-    op = starts_at.get(chain.at, "apply")  # first the one that starts where the cluster is
-    while any(todo.values()):
-        if budget is not None and time.monotonic() - started > budget:
-            log(f"stopped for time: {sum(map(len, todo.values()))} tries left; run the same"
-                " command again to go on")
-            break
-        at = OPERATIONS.index(op)
-        op = next(o for o in OPERATIONS[at:] + OPERATIONS[:at] if todo.get(o))
-        crash = todo[op].pop(0)
-        entry = chain.crash(op, crash)
-        entry.update(total=tallies[op].total,
-                     at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        record.add(entry)
-        found = entry["problems"]
-        log(f"  {op} @{crash}: {'FAILED' if found else 'ok'} ({entry['outcome']}, resume"
-            f" {entry['resume_s']}s, try {entry['try_s']}s){': ' + '; '.join(found) if found else ''}")
-        op = OPERATIONS[(OPERATIONS.index(op) + 1) % len(OPERATIONS)]  # then the one after it
+
+    def take(chain: Chain, after: str) -> tuple[str, int] | None:
+        """The next try for this lane: the operation after `after` that has tries left."""
+        with lock:
+            if not any(todo.values()):
+                return None
+            if budget is not None and time.monotonic() - started > budget:
+                log(f"stopped for time: {sum(map(len, todo.values()))} tries left; run the same"
+                    " command again to go on")
+                todo.clear()
+                return None
+            at = OPERATIONS.index(after)
+            op = next(o for o in OPERATIONS[at:] + OPERATIONS[:at] if todo.get(o))
+            return op, todo[op].pop(0)
+
+    def lane(chain: Chain) -> None:
+        name = "" if len(chains) == 1 else f"[{chain.sweep.hosts[0]}..] "
+        starts_at = {"old": "upgrade", "new": "rollback"}
+        after = starts_at.get(chain.at, "apply")  # first the one that starts where it is
+        while (picked := take(chain, after)) is not None:
+            op, crash = picked
+            entry = chain.crash(op, crash)
+            entry.update(total=tallies[op].total, hosts=",".join(chain.sweep.hosts),
+                         at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            record.add(entry)
+            found = entry["problems"]
+            log(f"  {name}{op} @{crash}: {'FAILED' if found else 'ok'} ({entry['outcome']},"
+                f" resume {entry['resume_s']}s, try {entry['try_s']}s)"
+                f"{': ' + '; '.join(found) if found else ''}")
+            after = OPERATIONS[(OPERATIONS.index(op) + 1) % len(OPERATIONS)]  # then the next
+
+    if len(chains) == 1:
+        lane(chains[0])
+    else:
+        threads = [threading.Thread(target=lane, args=(c,), daemon=True) for c in chains]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     for op, tally in tallies.items():
         wanted = set(choices[op].of(op, tally.total))
         for crash, entry in sorted(record.done(op, tally.total).items()):
@@ -423,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--testbed-dir", type=Path,
                         default=Path(os.environ.get("RKEL_TESTBED_DIR", "/var/lib/rkel-testbed")))
     parser.add_argument("--hosts", default="rkn1,rkn2,rkn3")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="clusters side by side, each on the next 3 hosts (rkn4..rkn6, ...:"
+                             " the testbed needs 3 x LANES hosts up)")
     parser.add_argument("--operations", default=",".join(OPERATIONS))
     parser.add_argument("--every", type=int, default=1, help="try every k-th journal boundary")
     parser.add_argument("--points", default="", help="exact crash points: apply=3,9;upgrade=12")
@@ -435,16 +469,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=float, default=None,
                         help="start no try after this long; the same command goes on later")
     args = parser.parse_args(argv)
-    sweep = Sweep(args.workdir, args.testbed_dir, args.hosts.split(","))
+    hosts = args.hosts.split(",")
+    if args.lanes > 1:
+        first = int(hosts[0][3:])
+        lanes = [Sweep(args.workdir / f"lane-{i}", args.testbed_dir,
+                       [f"rkn{first + 3 * i + k}" for k in range(3)]) for i in range(args.lanes)]
+    else:
+        lanes = [Sweep(args.workdir, args.testbed_dir, hosts)]
     points = parse_points(args.points)
     choices = {op: Choice(points.get(op), args.every, args.sample, args.seed)
                for op in args.operations.split(",")}
     record = Record(args.record or args.workdir / "sweep-record.jsonl")
     budget = args.hours * 3600 if args.hours is not None else None
     try:
-        tallies = run_sweep(sweep, choices, record, budget)
+        tallies = run_sweep(lanes, choices, record, budget)
     finally:
-        sweep.remove()
+        for sweep in lanes:
+            sweep.remove()
     failed = 0
     for op, tally in tallies.items():
         how = ("chosen points" if op in points else f"{args.sample} drawn (seed {args.seed})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ STEPS = {"apply": 3, "upgrade": 2, "rollback": 4}  # steps of each run: 2 journa
 class FakeSweep:
     """The cluster as a version, and every rkel run the sweep asks for."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: tuple[str, ...] = ("rkn1", "rkn2", "rkn3")) -> None:
+        self.hosts = list(hosts)
         self.version: str | None = None  # running version, None when there is no cluster
         self.config = ""
         self.runs: list[str] = []
@@ -56,6 +58,7 @@ class FakeSweep:
     def killed(self, op: str, crash: int) -> tuple[str, float]:
         assert self._next(op == "rollback") == op, (op, self.version, self.config)
         self.runs.append(f"{op} @{crash}")
+        time.sleep(0.01)  # a try takes time: the other lanes take theirs meanwhile
         self.version = OLD if op == "rollback" else self.config
         return "killed and resumed", 1.0
 
@@ -114,3 +117,15 @@ def test_a_try_that_goes_wrong_is_recorded_failed_and_the_next_starts_afresh(tmp
                         log=lambda *_: None)  # type: ignore[arg-type]
     assert tallies["upgrade"].failed == ["upgrade crash after write 2: the resume failed"]
     assert tallies["upgrade"].passed == 2 and tallies["rollback"].passed == 7
+
+
+def test_lanes_share_the_tries_each_made_once_on_its_own_cluster(tmp_path: Path) -> None:
+    lanes = [FakeSweep(), FakeSweep(("rkn4", "rkn5", "rkn6"))]
+    tallies = run_sweep(lanes, {op: Choice() for op in STEPS},  # type: ignore[arg-type]
+                        Record(tmp_path / "r.jsonl"), log=lambda *_: None)
+    assert sum(t.passed for t in tallies.values()) == 15
+    made = [r for lane in lanes for r in lane.runs if "@" in r]
+    assert len(made) == len(set(made)) == 15  # every try once, whichever lane made it
+    assert all(any("@" in r for r in lane.runs) for lane in lanes)  # both lanes worked
+    hosts = {json.loads(line)["hosts"] for line in (tmp_path / "r.jsonl").read_text().splitlines()}
+    assert hosts == {"rkn1,rkn2,rkn3", "rkn4,rkn5,rkn6"}
