@@ -84,7 +84,8 @@ def start(cluster: Cluster, api: ApiServer, tmp_path: Path
     started: list[Kubelet] = []
 
     def run(extra: tuple[str, ...] = (), cert: str = f"kube-node-{NODE}",
-            kubeconfig: Path | None = None, hostname: str = NODE) -> Kubelet:
+            kubeconfig: Path | None = None, hostname: str = NODE,
+            **more_env: str) -> Kubelet:
         image, args = rkel_kubelet_args()
         text = (cluster.ssl / "kubecfg-kube-node.yaml").read_text()
         text = text.replace(LOCAL_SERVER, api.url).replace(f"kube-node-{NODE}", cert)
@@ -100,7 +101,7 @@ def start(cluster: Cluster, api: ApiServer, tmp_path: Path
         healthz = free_port()
         env = {"PATH": "/usr/bin:/bin", "RKEL_IMAGE": image,
                "STANDIN_HEARTBEAT_SECONDS": str(HEARTBEAT), "STANDIN_POD_POLL_SECONDS": "0.5",
-               "STANDIN_HEALTHZ_PORT": str(healthz)}
+               "STANDIN_HEALTHZ_PORT": str(healthz), **more_env}
         kubelet = Kubelet([*flags, *extra], env, tmp_path / f"kubelet-{len(started)}.log",
                           healthz)
         started.append(kubelet)
@@ -195,6 +196,28 @@ def test_another_nodes_identity_is_refused_and_retried(start: Callable[..., Kube
     assert api.call("GET", "/api/v1/nodes/n2")[0] == 404
     with urllib.request.urlopen(f"http://127.0.0.1:{kubelet.healthz}/healthz", timeout=5) as r:
         assert r.read() == b"ok"  # like the real one: healthy while the API refuses it
+
+
+def healthz_answers(kubelet: Kubelet) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{kubelet.healthz}/healthz", timeout=2) as r:
+            return r.read() == b"ok"
+    except OSError:
+        return False
+
+
+def test_a_slow_start_answers_healthz_only_after_its_delay_and_stops_at_once_meanwhile(
+        start: Callable[..., Kubelet], api: ApiServer) -> None:
+    slow = start(STANDIN_HEALTHZ_DELAY_SECONDS="2.5")
+    started = time.monotonic()
+    wait_until(lambda: healthz_answers(slow), slow)
+    assert time.monotonic() - started >= 2.0  # refused until then
+    assert slow.stop() == 0
+    never = start(STANDIN_HEALTHZ_DELAY_SECONDS="600")
+    wait_until(lambda: "kubelet stand-in starting" in tail(never.log), never)
+    assert not healthz_answers(never)
+    stopping = time.monotonic()
+    assert never.stop() == 0 and time.monotonic() - stopping < 10
 
 
 def test_an_unreachable_apiserver_is_retried_while_healthz_is_ok(

@@ -463,8 +463,17 @@ def main(argv: list[str]) -> int:
                   kubelet.healthz_port, err)
         return 1
     httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, name="healthz", daemon=True).start()
     done = threading.Event()
+    # a kubelet that takes its time to start (tests inject faults in that window)
+    serving = threading.Event()
+
+    def serve() -> None:
+        serving.set()
+        httpd.serve_forever()
+
+    healthz = threading.Timer(float(os.environ.get("STANDIN_HEALTHZ_DELAY_SECONDS") or 0), serve)
+    healthz.daemon = True
+    healthz.start()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     workers = [threading.Thread(target=kubelet.node_loop, name="node", daemon=True),
@@ -477,7 +486,9 @@ def main(argv: list[str]) -> int:
     for worker in workers:
         worker.join(timeout=12)
     kubelet.shutdown()
-    httpd.shutdown()
+    healthz.cancel()
+    if serving.is_set():
+        httpd.shutdown()
     return 0
 
 

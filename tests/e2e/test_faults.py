@@ -3,7 +3,8 @@ host and what to do, leaves the state consistent (`rkel state verify`), and once
 repaired the next `rkel apply` (or `--resume` for an interrupted run) converges.
 
 One cluster for the module, on hosts rkn1..rkn4 as the non-root user: rkn1..rkn3 with every role
-(three etcd members), rkn4 a worker. Its state folder is a 64 MiB tmpfs, so the disk can be
+(three etcd members), rkn4 a worker; its kubelets take SLOW_START seconds to answer their health
+check, as a slow kubelet does, so each fault lands mid-change. Its state folder is a 64 MiB tmpfs, so the disk can be
 filled. Each story makes a rolling change (a kubelet flag, or a Kubernetes upgrade) and breaks
 something while it runs:
 
@@ -41,6 +42,10 @@ pytestmark = pytest.mark.e2e
 ROLES = {"rkn1": ALL_ROLES, "rkn2": ALL_ROLES, "rkn3": ALL_ROLES, "rkn4": ["worker"]}
 V129, V130, V131 = "v1.29.9-rancher1-1", "v1.30.5-rancher1-1", "v1.31.1-rancher1-1"
 TMPFS_MIB = 64
+# The kubelets answer their health check only this long after they start (a stand-in switch,
+# passed through cluster.yml's extra_env): each fault lands while a kubelet is being replaced,
+# however fast the rest of the change goes.
+SLOW_START = 6
 
 
 class Faults(Upgrade):
@@ -52,7 +57,8 @@ class Faults(Upgrade):
         self.version = kw.get("version", self.version)
         self.max_pods = kw.get("max_pods", self.max_pods)
         self.write(ROLES, kubernetes_version=self.version,
-                   services={"kubelet": {"extra_args": {"max-pods": str(self.max_pods)}}})
+                   services={"kubelet": {"extra_args": {"max-pods": str(self.max_pods)},
+                                         "extra_env": [f"STANDIN_HEALTHZ_DELAY_SECONDS={SLOW_START}"]}})
 
     def journal_rows(self) -> int:
         db = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True, timeout=10)
