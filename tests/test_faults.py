@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -25,7 +26,7 @@ import requests
 
 from lifecycle.errors import HostError, HostUnreachableError
 from lifecycle.hosts.docker_ssh import SSHHost
-from lifecycle.spec import NodeRef
+from lifecycle.spec import HealthCheck, NodeRef, ServiceSpec
 from tests.test_rollback import NEW, OLD
 
 ROOMS = (150_000, 100_000, 70_000)  # bytes left free before the upgrade starts
@@ -156,3 +157,57 @@ def test_an_engine_error_while_it_shuts_down_says_the_engine_stopped(
     assert type(raised.value) is error
     assert says in str(raised.value)
     assert api.pings == (2 if up else 1)
+
+
+class _Restarting(_Api):
+    """An engine just back up, starting its restart=always container itself: a start of ours
+    meanwhile fails with "task ... already exists" until the container runs."""
+
+    def __init__(self, conflicts: int, comes_up: bool = True) -> None:
+        super().__init__(up=True)
+        self.conflicts, self.comes_up, self.starts = conflicts, comes_up, 0
+
+    def start(self, name: str) -> None:
+        self.starts += 1
+        if self.starts <= self.conflicts:
+            raise _server_error(f"task 79bcec23{name}: already exists")
+
+    def inspect_container(self, name: str) -> dict[str, Any]:
+        return {"State": {"Running": self.comes_up and self.starts > 1}}
+
+
+def test_a_start_racing_the_engines_own_restart_of_the_container_is_not_a_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lifecycle.hosts.docker_ssh.time.sleep", lambda _s: None)
+    api = _Restarting(conflicts=2)
+    _host(api).start_container("kubelet")  # running once the engine's own start went through
+    assert api.starts == 2
+    stuck = _Restarting(conflicts=10, comes_up=False)
+    with pytest.raises(HostError, match="starting container kubelet: task .*already exists"):
+        _host(stuck).start_container("kubelet")
+    assert stuck.starts == 5
+
+
+def test_a_health_check_on_a_host_whose_ssh_connection_went_says_so_at_once() -> None:
+    """Probing on over a dead connection only waits out the health check's budget (48 s) to
+    fail later with the same cause: the first failed probe says the host is gone."""
+
+    class Transport:
+        def __init__(self, active: bool) -> None:
+            self.active = active
+
+        def is_active(self) -> bool:
+            return self.active
+
+        def open_channel(self, *_a: Any, **_k: Any) -> None:
+            raise EOFError("the channel closed")
+
+    spec = ServiceSpec(name="kubelet", image="hyperkube", health=HealthCheck(
+        url="http://127.0.0.1:10248/healthz"))
+    host = _host(_Api(up=True))
+    host.transport = Transport(active=True)  # type: ignore[assignment]
+    assert host.probe(spec) is False  # still connected: not healthy yet, probe again
+    host.transport = Transport(active=False)  # type: ignore[assignment]
+    with pytest.raises(HostUnreachableError, match="health check of kubelet: lost the SSH "
+                       "connection to 10.77.0.14:22"):
+        host.probe(spec)

@@ -9,6 +9,7 @@ finished with failed steps; 130 interrupted by Ctrl-C (the run stays resumable).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -658,10 +659,17 @@ app.add_typer(encrypt_app, name="encrypt")
 from lifecycle.cli import state as _state  # noqa: E402,F401  registers `rkel state verify`
 
 
+def _unraisable(hook: Any) -> None:
+    """An error Python can only ignore (in a finalizer: paramiko's channel files, collected at
+    exit after their host was cut off) is no news to the user and never a traceback on stderr."""
+    logging.getLogger("rkel").debug("ignored in %r: %r", hook.object, hook.exc_value)
+
+
 def main() -> None:
     """Console entry point. A state database that cannot be written (disk full, read-only,
     damaged) mid-command is an error with what to do, never a traceback: what was journaled
     before stays, and an interrupted run resumes."""
+    sys.unraisablehook = _unraisable
     try:
         app()
     except StoreError as exc:

@@ -370,9 +370,22 @@ class SSHHost:
         with self._docker(f"starting container {spec.name}"):
             self.api.start(spec.name)
 
-    def start_container(self, name: str) -> None:
-        with self._docker(f"starting container {name}"):
-            self.api.start(name)
+    def start_container(self, name: str, tries: int = 5) -> None:
+        """Start it. An engine that has just come back starts its restart=always containers
+        itself, and a start of ours meanwhile fails with "task ... already exists": then the
+        container is (or is about to be) running, which is what was asked."""
+        for attempt in range(tries):
+            try:
+                with self._docker(f"starting container {name}"):
+                    self.api.start(name)
+                return
+            except HostError as exc:
+                if "already exists" not in str(exc) or attempt + 1 == tries:
+                    raise
+            time.sleep(1.0)
+            with self._docker(f"inspecting container {name}"):
+                if ((self.api.inspect_container(name).get("State") or {}).get("Running")):
+                    return
 
     def stop_container(self, name: str) -> None:
         with self._docker(f"stopping container {name}"):
@@ -594,6 +607,9 @@ class SSHHost:
         try:
             status, body = self.http_get(spec.health)
         except Exception as exc:  # noqa: BLE001 - any failure means "not healthy (yet)"
+            if not self.transport.is_active():  # ... unless the host itself is gone
+                raise HostUnreachableError(
+                    self.name, f"health check of {spec.name}: {self._lost(exc)}") from None
             log.debug("%s: probe of %s failed: %s", self.name, spec.health.url, exc)
             return False
         return status == 200 and spec.health.expect in body

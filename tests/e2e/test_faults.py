@@ -8,8 +8,8 @@ check, as a slow kubelet does, so each fault lands mid-change. Its state folder 
 filled. Each story makes a rolling change (a kubelet flag, or a Kubernetes upgrade) and breaks
 something while it runs:
 
-1. rkn4's sshd is killed (with its sessions) while its kubelet is being replaced;
-2. rkn4's dockerd is stopped (its containers with it) while it is being changed;
+1. rkn4's sshd is killed (with its sessions) while its new kubelet is health-checked;
+2. rkn4's dockerd is stopped (its containers with it) while its new kubelet is health-checked;
 3. rkn4 is cut off the network (veth down) during an upgrade 1.29 -> 1.30;
 4. rkn3, an etcd member, is cut off the network during an upgrade 1.30 -> 1.31: etcd keeps
    quorum and every key, and rkel stops the controlplane group there;
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from tests.e2e.conftest import run_testbed
@@ -71,6 +72,20 @@ class Faults(Upgrade):
         try:
             return bool(self.kube_json("get", "node", node).get("spec", {}).get("unschedulable"))
         except AssertionError:
+            return False
+
+    def replacing_kubelet(self, node: str) -> bool:
+        """The node's new kubelet runs, the old one set aside: rkel waits for its health check
+        (SLOW_START seconds at least), no Docker call of its in flight."""
+        try:
+            client = self.engine(node)
+            try:
+                running = {c.name for c in client.containers.list()}
+                return "kubelet" in running and any(
+                    c.name == "old-kubelet" for c in client.containers.list(all=True))
+            finally:
+                client.close()
+        except docker.errors.DockerException:
             return False
 
     def converged(self) -> None:
@@ -190,7 +205,7 @@ def test_a_daemon_of_a_worker_stops_mid_change(faults: Faults, daemon: str, max_
                                                 says: str) -> None:
     c = faults
     c.change(max_pods=max_pods)
-    result = run_with_fault(c, f"{daemon}-stopped", lambda: c.cordoned("rkn4"),
+    result = run_with_fault(c, f"{daemon}-stopped", lambda: c.replacing_kubelet("rkn4"),
                             lambda: on_testbed(f"stop-{daemon}", "4"))
     assert_contained(c, result, "rkn4")
     assert says in result.stderr, result.stderr
