@@ -488,6 +488,7 @@ def test_a_dead_connection_is_reported_then_replaced(
 
 
 # ---------------------------------------------------------------------------- offline
+@pytest.mark.e2e  # its config comes from the testbed's cluster.yml (`up 3`)
 def test_registry_credentials_and_helper_image_follow_cluster_yml(config: ClusterConfig) -> None:
     regs = (PrivateRegistry("https://registry.example.com/", "bob", "s3cret"),
             PrivateRegistry("docker.io", "alice", "pw"), PrivateRegistry("10.77.0.1:5000"))
