@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from cryptography.fernet import Fernet, InvalidToken
 
-from lifecycle import effects
 from lifecycle.errors import HostError, RkelError, StateError
 from lifecycle.hosts import Backend
 from lifecycle.plan import Group, Plan, Step, Unit
@@ -342,9 +341,6 @@ def run_step(executor: Executor, plan: Plan, step: Step) -> None:
         for name in services:
             if name in have and not have[name].running:
                 host.start_container(name)
-        for name in services:  # the control plane answers before anything goes on (etcd:
-            if name in have and name != "etcd":  # restore-wait checks the members together)
-                _wait_healthy(executor, host, step.node, name)
     elif step.action == "restore-restart":
         have = host.containers()
         for name in services:
@@ -356,19 +352,6 @@ def run_step(executor: Executor, plan: Plan, step: Step) -> None:
         host.remove_paths([posixpath.join(str(detail["data_dir"]), str(detail["keep"]))])
     else:  # pragma: no cover - restore_groups emits only the actions above
         raise RkelError(f"step {step.id}: unknown restore action {step.action!r}")
-
-
-def _wait_healthy(executor: Executor, host: Any, node: str, name: str) -> None:
-    """Wait for the service's recorded health check (a run resumed right after it started
-    the service would otherwise go on to cordon nodes through an API server not answering)."""
-    row = executor.store.service(node, name)
-    if row is None or not row.spec:
-        return
-    spec = ServiceSpec.from_dict(row.spec)
-    if not effects.wait_healthy(host, spec, executor.backend.sleep):
-        raise HostError(node, f"{name} did not get healthy after the restore "
-                        f"({spec.health.url if spec.health else ''}); check `docker logs {name}` "
-                        "on the node, then run `rkel apply --resume`")
 
 
 def _remove_helpers(host: Any) -> None:
