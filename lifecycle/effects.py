@@ -8,6 +8,7 @@ only then is the old one removed; if the new one never gets healthy the old one 
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Sequence
 
 from lifecycle.errors import HealthCheckError, HostError
@@ -34,12 +35,14 @@ def probe_delays(spec: ServiceSpec) -> list[float]:
     as `retries` probes `interval` apart would take (RKE's budget, without its first 2 s wait)."""
     if spec.health is None:
         return []
-    budget = (spec.health.retries - 1) * spec.health.interval
+    interval = spec.health.interval
+    left = (spec.health.retries - 1) * interval
     delays: list[float] = []
-    while sum(delays) < budget:
-        quick = FIRST_PROBE_DELAYS[len(delays)] if len(delays) < len(FIRST_PROBE_DELAYS) else None
-        delays.append(min(quick if quick is not None else spec.health.interval,
-                          spec.health.interval, budget - sum(delays)))
+    for delay in itertools.chain(FIRST_PROBE_DELAYS, itertools.repeat(interval)):
+        if left <= 0:
+            return delays
+        delays.append(min(delay, interval, left))
+        left -= delays[-1]
     return delays
 
 
