@@ -118,7 +118,7 @@ def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
 
 def ready(node: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in node["status"].get("conditions", []))
+               for c in node.get("status", {}).get("conditions", []))
 
 
 def roles_of(node: dict[str, Any]) -> set[str]:
