@@ -320,6 +320,14 @@ class Plan:
     summary: dict[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A resumed run skips every step whose id has a done row: two steps sharing an id would
+        # have the second skipped as if it had run.
+        ids = [s.id for s in self.steps]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"plan has steps sharing an id: {', '.join(twice)}")
+
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(chain.from_iterable(u.steps for g in self.groups for u in g.units))

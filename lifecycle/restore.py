@@ -216,7 +216,10 @@ def _ref(store: Store, name: str) -> NodeRef:
 
 
 def _step(node: str, action: str, detail: dict[str, Any]) -> Step:
-    return Step(id=f"{node}:{action}" if node else f"cluster:{action}", node=node,
+    """A restore step; its id names the services it acts on, as a node starts etcd and then
+    kube-apiserver in two groups: the journal tells them apart on resume."""
+    services = "+".join(str(s) for s in detail.get("services", ()))
+    return Step(id=":".join(filter(None, (node or "cluster", action, services))), node=node,
                 action=action, detail=detail)
 
 

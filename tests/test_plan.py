@@ -30,6 +30,7 @@ from lifecycle.plan import (
     CurrentService,
     Group,
     Plan,
+    Step,
     Unit,
     diff,
     quorum,
@@ -541,3 +542,11 @@ def test_replan_after_a_complete_apply_is_empty(sim: SimCluster, change: str) ->
         assert again.empty
         assert again.groups == ()
         assert again.steps == ()
+
+
+def test_a_plan_with_two_steps_sharing_an_id_is_refused() -> None:
+    # A resumed run skips steps by id: a second step with a done id would be skipped unrun.
+    twice = Step("n1:restore-start", "n1", "restore-start")
+    group = Group("restore", "start", 1, (Unit("n1", "change", (twice,)),))
+    with pytest.raises(ValueError, match="n1:restore-start"):
+        Plan((group, replace(group, title="again")), (), "", "")

@@ -102,7 +102,7 @@ def test_rollback_killed_at_every_journal_write_resumes_to_the_same_end(tmp_path
     base.mkdir()
     total = _rollback(_fresh(base), base)
     assert total > 40
-    for n in range(1, total, 3):
+    for n in range(1, total):
         where = tmp_path / f"crash-{n}"
         where.mkdir()
         sim = _fresh(where)

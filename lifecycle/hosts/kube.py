@@ -48,6 +48,16 @@ class Material(Protocol):
     def ca_pem(self) -> bytes: ...
 
 
+def _why(exc: BaseException) -> str:
+    """Why a server did not answer, in a few words ("[Errno 111] Connection refused", a TLS
+    failure, a timeout): urllib3 wraps the cause in MaxRetryError and prefixes it with the
+    connection's repr."""
+    text = str(getattr(exc, "reason", None) or exc)
+    for marker in ("Failed to establish a new connection: ", ">: "):
+        text = text.split(marker, 1)[-1]
+    return " ".join(text.split())[:160] or type(exc).__name__
+
+
 def _memfd(name: str, data: bytes) -> str:
     """A path to `data` that exists only in memory, for libraries that want file names."""
     fd = os.memfd_create(name, 0)
@@ -102,7 +112,7 @@ class KubernetesAPI:
                 errors.append(f"{server}: {exc.status} {exc.reason}")
                 continue
             except (HTTPError, OSError) as exc:
-                errors.append(f"{server}: {type(exc).__name__}")
+                errors.append(f"{server}: {_why(exc)}")
                 continue
             # keep the server that answered first for the next call
             self._clients.sort(key=lambda sc: sc[0] != server)

@@ -997,39 +997,53 @@ class SimHostHandle:
 
 
 class SimKube:
+    """The Kubernetes API. In a world that has kube-apiserver containers, it answers only while
+    one of them runs (the real client fails over between the API servers and gives up when none
+    answers); a bare world made to test the API alone always answers."""
+
     def __init__(self, world: SimWorld) -> None:
         self.world = world
 
+    def _serving(self, what: str) -> SimWorld:
+        with self.world._lock:
+            servers = [c.running for h in self.world.hosts.values()
+                       for n, c in h.containers.items() if n == "kube-apiserver"]
+        if servers and not any(servers):
+            raise HostUnreachableError(API, f"{what}: no API server answered (no kube-apiserver"
+                                            " is running); check the controlplane nodes, then"
+                                            " run `rkel apply` again")
+        return self.world
+
     def node(self, name: str) -> KubeNode | None:
-        return self.world.kube_node(name)
+        return self._serving(f"get node {name}").kube_node(name)
 
     def cordon(self, name: str) -> None:
-        self.world.set_schedulable(name, False)
+        self._serving(f"cordon {name}").set_schedulable(name, False)
 
     def uncordon(self, name: str) -> None:
-        self.world.set_schedulable(name, True)
+        self._serving(f"uncordon {name}").set_schedulable(name, True)
 
     def drain(self, name: str, options: DrainOptions) -> None:
-        self.world.drain(name)
+        self._serving(f"drain {name}").drain(name)
 
     def delete_node(self, name: str) -> None:
-        self.world.delete_kube_node(name)
+        self._serving(f"delete node {name}").delete_kube_node(name)
 
     def sync_node_metadata(self, name: str, labels: dict[str, str],
                            taints: list[tuple[str, str, str]]) -> None:
-        self.world.sync_node_metadata(name, labels, taints)
+        self._serving(f"labels of {name}").sync_node_metadata(name, labels, taints)
 
     def save_state_secret(self, name: str, namespace: str, data: dict[str, str]) -> None:
-        self.world.save_state_secret(name, namespace, data)
+        self._serving(f"save {namespace}/{name}").save_state_secret(name, namespace, data)
 
     def apply_manifests(self, docs: list[dict], field_manager: str = "rkel") -> list[str]:
-        return self.world.apply_manifests(docs)
+        return self._serving("apply add-ons").apply_manifests(docs)
 
     def rewrite_secrets(self) -> int:
-        return self.world.rewrite_secrets()
+        return self._serving("rewrite secrets").rewrite_secrets()
 
     def wait_rollout(self, objects: list[dict], timeout: float) -> None:
-        self.world.wait_rollout(objects, timeout)
+        self._serving("wait for rollout").wait_rollout(objects, timeout)
 
 
 class SimEtcd:
