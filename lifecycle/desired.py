@@ -382,11 +382,11 @@ def _backup_flags(etcd: EtcdService) -> tuple[str, ...]:
 def _rolling_snapshots(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
     """RKE's `etcd-rolling-snapshots` (RunEtcdSnapshotSave, not once): rke-tools'
     rke-etcd-backup saving a snapshot of this node's member into the node's snapshot folder on
-    a schedule and pruning old ones. etcd's own certificate files and client endpoint (the ones
-    its ETCDCTL_* environment names), etcd's extra_env; no health check (RKE has none)."""
+    a schedule and pruning old ones. etcd's own certificate files (those its ETCDCTL_*
+    environment names), the member at the node's internal address (as RKE: an RKE-built
+    container then matches at import), etcd's extra_env; no health check (RKE has none)."""
     svc = ctx.config.services.etcd
     own = certs.etcd_cert_name(node)
-    endpoint = "127.0.0.1" if node.address == node.internal else node.internal
     return _spec(
         ctx,
         ROLLING_SNAPSHOTS,
@@ -398,7 +398,7 @@ def _rolling_snapshots(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]
             "--cert", certs.cert_path(own),
             "--key", certs.key_path(own),
             "--name", ROLLING_SNAPSHOTS,
-            f"--endpoints={endpoint}:2379",
+            f"--endpoints={node.internal}:2379",  # as RKE: the internal address
             *_backup_flags(svc),
         ),
         env=svc.extra_env,

@@ -636,7 +636,7 @@ def test_rolling_snapshots_spec_creation_and_retention():
         "--cert", "/etc/kubernetes/ssl/kube-etcd-10-0-0-1.pem",
         "--key", "/etc/kubernetes/ssl/kube-etcd-10-0-0-1-key.pem",
         "--name", "etcd-rolling-snapshots",
-        "--endpoints=127.0.0.1:2379",  # etcd's own client endpoint (it listens on 0.0.0.0)
+        "--endpoints=10.0.0.1:2379",  # as RKE: the internal address
         "--retention=72h", "--creation=12h",
     )
     assert cp1.args == ()
