@@ -119,8 +119,8 @@ def test_fresh_etcd_members_start_one_at_a_time() -> None:
     assert group.concurrency == 1
     assert names(group) == ["n1", "n2", "n3"]  # one unit per etcd node, by name
     for unit in group.units:
-        assert actions(unit) == ["etcd-join", "start"]
-        assert unit.steps[1].service == "etcd"
+        assert actions(unit) == ["etcd-join", "start", "start"]
+        assert [s.service for s in unit.steps[1:]] == ["etcd", "etcd-rolling-snapshots"]
     # etcd starts nowhere else.
     etcd_steps = [s.node for s in plan.steps if s.service == "etcd"]
     assert etcd_steps == ["n1", "n1", "n2", "n2", "n3", "n3"]
@@ -298,7 +298,7 @@ def test_adding_and_removing_an_etcd_member_adds_first(etcd3: Current) -> None:
     removal = only_group(plan, "removals", "etcd members")
     assert plan.groups.index(etcd) < plan.groups.index(removal)
     assert names(etcd) == ["n6"]
-    assert actions(etcd.units[0]) == ["etcd-join", "start"]
+    assert actions(etcd.units[0]) == ["etcd-join", "start", "start"]
     assert names(removal) == ["n2"]
     assert removal.concurrency == 1
     unit = removal.units[0]
