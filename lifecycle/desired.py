@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from lifecycle import desired_certs as certs
 from lifecycle import encryption, rke_layout
-from lifecycle.config.model import BaseService, ClusterConfig, KubeAPIService, Node
+from lifecycle.config.model import BaseService, ClusterConfig, EtcdService, KubeAPIService, Node
 from lifecycle.desired_args import (
     CONTROLPLANE_TAINT,
     flag_overrides,
@@ -65,6 +65,9 @@ CONTAINER_NAME_LABEL = "io.rancher.rke.container.name"
 RKE_TOOLS_ENTRYPOINT = "/opt/rke-tools/entrypoint.sh"
 ETCD_DATA_DIR = "/var/lib/rancher/etcd"  # inside the container; the host side is /var/lib/etcd
 SIDEKICK = "service-sidekick"  # carries /opt/rke-tools (entrypoint.sh) to the components
+ROLLING_SNAPSHOTS = "etcd-rolling-snapshots"  # RKE's recurring snapshots, beside etcd
+RKE_ETCD_BACKUP = "/opt/rke-tools/rke-etcd-backup"  # in the rke-tools image
+SNAPSHOT_DIR = "/opt/rke/etcd-snapshots"  # RKE's snapshot folder on every etcd node
 ETCD_BOOTSTRAP_FLAGS = ("initial-cluster", "initial-cluster-state", "initial-cluster-token")
 ETCD_CLUSTER_TOKEN = "etcd-cluster-1"
 DOCKER_ROOT_DIR = "/var/lib/docker"  # RKE reads it from `docker info`; the spec stays host-free
@@ -153,6 +156,7 @@ class _Context:
         self.images["nginx-proxy"] = self._image(
             pinned.get("nginx_proxy") or info.image("nginx_proxy")
         )
+        self.images[ROLLING_SNAPSHOTS] = self._image(pinned.get("alpine") or info.image("alpine"))
         self.images[SIDEKICK] = self._image(
             pinned.get("kubernetes_services_sidecar") or info.image("kubernetes_services_sidecar")
         )
@@ -164,6 +168,7 @@ class _Context:
         self.etcd_nodes = sorted(config.nodes_with("etcd"), key=lambda n: n.name)
         self.cp_nodes = sorted(config.nodes_with("controlplane"), key=lambda n: n.name)
         self.rbac = config.authorization.mode == "rbac"
+        self.snapshots = recurring_snapshots(s.etcd)
         self.cri_dockerd = config.enable_cri_dockerd is not False  # RKE: true from 1.24 on
         # Per-version defaults and extra_args, normalised once per compile (see flag_overrides).
         self.flags = {
@@ -351,6 +356,56 @@ def _etcd(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceS
             client_cert=ctx.etcd_client,
             expect='"health":"true"',
         ),
+    )
+
+
+def recurring_snapshots(etcd: EtcdService) -> bool:
+    """Whether RKE would run `etcd-rolling-snapshots` for these settings.
+
+    RKE's defaults (cluster/defaults.go): `snapshot` unset means true, and a `backup_config`
+    whose `enabled` is not false turns snapshots on too. So they are off only when `snapshot:
+    false` and `backup_config` is absent or says `enabled: false`."""
+    backup = etcd.backup_config
+    return etcd.snapshot is not False or (backup is not None and backup.enabled is not False)
+
+
+def _backup_flags(etcd: EtcdService) -> tuple[str, ...]:
+    """The schedule and retention flags of RKE's rolling snapshots: backup_config's interval
+    (hours) and retention (a count of files) when it is set and enabled, else services.etcd's
+    creation and retention (durations, 12h and 72h by default)."""
+    backup = etcd.backup_config
+    if backup is not None and backup.enabled is not False:
+        return (f"--interval-hours={backup.interval_hours}", f"--retention={backup.retention}")
+    return (f"--retention={etcd.retention}", f"--creation={etcd.creation}")
+
+
+def _rolling_snapshots(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> ServiceSpec:
+    """RKE's `etcd-rolling-snapshots` (RunEtcdSnapshotSave, not once): rke-tools'
+    rke-etcd-backup saving a snapshot of this node's member into the node's snapshot folder on
+    a schedule and pruning old ones. etcd's own certificate files (those its ETCDCTL_*
+    environment names), the member at the node's internal address (as RKE: an RKE-built
+    container then matches at import), etcd's extra_env; no health check (RKE has none)."""
+    svc = ctx.config.services.etcd
+    own = certs.etcd_cert_name(node)
+    return _spec(
+        ctx,
+        ROLLING_SNAPSHOTS,
+        None,  # etcd's extra_binds are etcd's; RKE gives this container only its env
+        cert_hashes,
+        command=(
+            RKE_ETCD_BACKUP, "etcd-backup", "save",
+            "--cacert", certs.cert_path(ctx.etcd_ca),
+            "--cert", certs.cert_path(own),
+            "--key", certs.key_path(own),
+            "--name", ROLLING_SNAPSHOTS,
+            f"--endpoints={node.internal}:2379",  # as RKE: the internal address
+            *_backup_flags(svc),
+        ),
+        env=svc.extra_env,
+        binds=[
+            f"{ctx.host(SNAPSHOT_DIR)}:/backup",
+            f"{ctx.host('/etc/kubernetes')}:/etc/kubernetes",
+        ],
     )
 
 
@@ -599,12 +654,15 @@ def _kube_proxy(ctx: _Context, node: Node, cert_hashes: Mapping[str, str]) -> Se
 def _services(
     ctx: _Context, node: Node, cert_hashes: Mapping[str, str]
 ) -> tuple[ServiceSpec, ...]:
-    """The node's containers in start order: etcd, the sidekick, control plane, local proxy,
-    kubelet, proxy. `cert_hashes`: the node's certificates, by name."""
+    """The node's containers in start order: etcd and its rolling snapshots, the sidekick,
+    control plane, local proxy, kubelet, proxy. `cert_hashes`: the node's certificates, by
+    name."""
     roles = set(node.role)
     out: list[ServiceSpec] = []
     if "etcd" in roles:
         out.append(_etcd(ctx, node, cert_hashes))
+        if ctx.snapshots:
+            out.append(_rolling_snapshots(ctx, node, cert_hashes))
     out.append(ctx.sidekick)
     if "controlplane" in roles:
         out += [

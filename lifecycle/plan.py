@@ -50,7 +50,9 @@ NODE_PATHS = ("/etc/kubernetes", "/var/lib/etcd", "/opt/rke", "/var/lib/cni", "/
               "/opt/cni", "/var/run/calico", "/var/lib/calico", "/var/lib/kubelet")
 # The order containers stop in when a node goes: workloads' side first, etcd last.
 STOP_ORDER = ("kube-proxy", "kubelet", "nginx-proxy", "kube-scheduler", "kube-controller-manager",
-              "kube-apiserver", "service-sidekick", "etcd")
+              "kube-apiserver", "service-sidekick", "etcd-rolling-snapshots", "etcd")
+# The containers of the etcd phase, started in this order: the member, then its snapshots.
+ETCD_SERVICES = ("etcd", "etcd-rolling-snapshots")
 NEW_NODE_STATES = ("absent", "certs")
 FORGET_PATHS = ("/etc/kubernetes/ssl", "/var/lib/etcd")  # what `forget-node` removes
 
@@ -476,8 +478,10 @@ def _node_unit(
     hashes: _Lookups,
 ) -> Unit | None:
     """The unit that brings `services` of a node to desired, cordoning an existing node first."""
+    # an etcd node's etcd containers belong to the etcd phase (see _etcd_groups)
+    etcd_phase = ETCD_SERVICES if want.has("etcd") else ("etcd",)
     steps = _service_steps(want, cur, services, hashes) + [
-        s for s in _dropped_services(want, cur, keep_etcd=True) if s.service != "etcd"
+        s for s in _dropped_services(want, cur, keep_etcd=True) if s.service not in etcd_phase
     ]
     new = _is_new(cur)
     needs_ready = new and "kubelet" in services
@@ -526,11 +530,13 @@ def _etcd_groups(desired: Desired, look: _Lookups) -> list[Group]:
     order = sorted(desired.etcd_nodes, key=lambda n: (_is_new(look.current.get(n.name)), n.name))
     for want in order:
         cur = look.current.get(want.name)
-        steps = _service_steps(want, cur, ["etcd"], look)
+        steps = _service_steps(want, cur, list(ETCD_SERVICES), look) + [
+            s for s in _dropped_services(want, cur, keep_etcd=True) if s.service in ETCD_SERVICES
+        ]
         if not steps:
             continue
         kind = "change"
-        if steps[0].action == "start":
+        if steps[0].service == "etcd" and steps[0].action == "start":
             steps.insert(0, Step(f"{want.name}:etcd:join", want.name, "etcd-join", "etcd"))
             kind = "add"
         units.append(Unit(want.name, kind, tuple(steps)))
@@ -674,7 +680,7 @@ def diff(current: Current, desired: Desired, addons: Sequence[Addon] = (),
     def units(nodes: list[NodeDesired]) -> list[Unit]:
         out = []
         for want in nodes:
-            names = [s.name for s in want.services if s.name != "etcd"]
+            names = [s.name for s in want.services if s.name not in ETCD_SERVICES]
             unit = _node_unit(want, look.current.get(want.name), names, drain, look)
             if unit is not None:
                 out.append(unit)

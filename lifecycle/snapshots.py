@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.config.model import ClusterConfig
+from lifecycle.desired import SNAPSHOT_DIR, recurring_snapshots
 from lifecycle.errors import (
     HostError,
     HostUnreachableError,
@@ -40,7 +41,6 @@ from lifecycle.hosts.etcdctl import _json
 from lifecycle.spec import Desired, NodeDesired, NodeRef, ServiceSpec
 from store import LockHeld, SnapshotRow, Store, StoreError
 
-SNAPSHOT_DIR = "/opt/rke/etcd-snapshots"  # RKE's folder on every etcd node
 ETCDCTL = "/usr/local/bin/etcdctl"  # where the upstream etcd image has it
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 STATE_COPY_SUFFIX = ".rkel.db"
@@ -88,15 +88,16 @@ def parse_duration(text: str) -> timedelta:
 
 
 def recurring_snapshot_warning(config: ClusterConfig) -> str | None:
-    """The warning plan/apply print when cluster.yml asks for RKE's recurring snapshots."""
+    """The warning plan/apply print about RKE's recurring snapshots: rkel runs them (the
+    `etcd-rolling-snapshots` container, see `lifecycle.desired`), but not their S3 uploads."""
     etcd = config.services.etcd
     backup = etcd.backup_config
-    if etcd.snapshot is not True and not (backup and backup.enabled):
+    if not recurring_snapshots(etcd) or backup is None or backup.s3backupconfig is None:
         return None
-    s3 = " and S3 uploads (backup_config.s3backupconfig)" if backup and backup.s3backupconfig else ""
-    return ("services.etcd.snapshot / backup_config ask for recurring etcd snapshots (RKE's "
-            f"etcd-rolling-snapshots container){s3}, which rkel does not run yet: take them with "
-            "`rkel snapshot save` (e.g. from cron) and trim them with `rkel snapshot prune`")
+    return ("services.etcd.backup_config.s3backupconfig asks for S3 uploads of the recurring etcd"
+            " snapshots, which rkel does not do yet: the etcd-rolling-snapshots container still"
+            f" takes them locally on each etcd node ({remote_dir(config)}); copy them off the"
+            " nodes yourself, or use `rkel snapshot save`, which keeps a copy beside cluster.yml")
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -103,7 +103,7 @@ def test_validate_missing_file_is_clear(tmp_path: Path) -> None:
 def test_plan_then_apply_then_nothing_to_do(cluster: Path) -> None:
     plan = rkel("-c", str(cluster), "plan")
     assert plan.returncode == 0, plan.stderr
-    assert "Plan: 17 to add, 0 to change, 0 to remove." in plan.stdout
+    assert "Plan: 20 to add, 0 to change, 0 to remove." in plan.stdout
     # phases appear in order
     positions = [plan.stdout.index(f"] {p}:") for p in ("certs", "etcd", "controlplane", "workers")]
     assert positions == sorted(positions)
@@ -112,7 +112,7 @@ def test_plan_then_apply_then_nothing_to_do(cluster: Path) -> None:
     again = rkel("-c", str(cluster), "plan")
     assert "No changes" in again.stdout
     status = rkel("-c", str(cluster), "status")
-    assert status.stdout.count(" running ") >= 3 + 17
+    assert status.stdout.count(" running ") >= 3 + 20
     assert "kube-apiserver" in status.stdout and "rancher/hyperkube:v1.30.5-rancher1" in status.stdout
 
 
@@ -120,8 +120,9 @@ def test_plan_json_is_the_same_plan(cluster: Path) -> None:
     text = rkel("-c", str(cluster), "plan")
     data = json.loads(rkel("-c", str(cluster), "-o", "json", "plan").stdout)
     steps = [s for g in data["groups"] for u in g["units"] for s in u["steps"]]
-    assert sum(1 for s in steps if s["action"] == "start") == 17  # 14 services and a service-sidekick per node
-    assert data["summary"]["add"] == 17 and "Plan: 17 to add" in text.stdout
+    # 14 services, an etcd-rolling-snapshots per etcd node and a service-sidekick per node
+    assert sum(1 for s in steps if s["action"] == "start") == 20
+    assert data["summary"]["add"] == 20 and "Plan: 20 to add" in text.stdout
     assert [g["phase"] for g in data["groups"]] == [
         "certs", "etcd", "controlplane", "workers", "addons"]
     # RKE's default add-ons, applied through the API once the nodes are up
@@ -173,7 +174,7 @@ def test_remove_empties_every_node_and_can_be_run_again(cluster: Path) -> None:
     assert "remove" in history
     again = rkel("-c", str(cluster), "remove", "--backend", "simulated", "--force")
     assert again.returncode == 0, again.stderr  # idempotent
-    assert "Plan: 17 to add" in rkel("-c", str(cluster), "plan").stdout  # a cluster can come back
+    assert "Plan: 20 to add" in rkel("-c", str(cluster), "plan").stdout  # a cluster can come back
 
 
 # ---------------------------------------------------------------------------- kill -9 and resume

@@ -19,6 +19,7 @@ from lifecycle.config.model import (
     DEFAULT_KUBERNETES_VERSION,
     Authentication,
     Authorization,
+    BackupConfig,
     ClusterConfig,
     DrainInput,
     EtcdService,
@@ -33,7 +34,7 @@ from lifecycle.config.model import (
     Taint,
     UpgradeStrategy,
 )
-from lifecycle.desired import compile_desired
+from lifecycle.desired import compile_desired, recurring_snapshots
 from lifecycle.desired_certs import is_ca
 from lifecycle.errors import PlanError
 from lifecycle.spec import Desired, ServiceSpec
@@ -266,6 +267,7 @@ def test_golden_three_nodes():
     assert order == {
         "cp1": [
             "etcd",
+            "etcd-rolling-snapshots",
             "service-sidekick",
             "kube-apiserver",
             "kube-controller-manager",
@@ -273,7 +275,10 @@ def test_golden_three_nodes():
             "kubelet",
             "kube-proxy",
         ],
-        "10.0.0.2": ["etcd", "service-sidekick", "nginx-proxy", "kubelet", "kube-proxy"],
+        "10.0.0.2": [
+            "etcd", "etcd-rolling-snapshots", "service-sidekick", "nginx-proxy", "kubelet",
+            "kube-proxy",
+        ],
         "w1": ["service-sidekick", "nginx-proxy", "kubelet", "kube-proxy"],
     }
 
@@ -596,6 +601,88 @@ def test_prefix_path_prefixes_host_side_of_binds():
     )
     # in-container paths are unchanged
     assert flag(kubelet, "kubeconfig") == ["/etc/kubernetes/ssl/kubecfg-kube-node.yaml"]
+
+
+ROLLING = "etcd-rolling-snapshots"
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "backup", "on"),
+    [
+        (None, None, True),  # RKE's default: snapshot true
+        (True, None, True),
+        (False, None, False),
+        (False, BackupConfig(), True),  # a backup_config not disabled turns them on
+        (False, BackupConfig(enabled=True), True),
+        (False, BackupConfig(enabled=False), False),
+        (None, BackupConfig(enabled=False), True),  # snapshot still defaults to true
+        (True, BackupConfig(enabled=False), True),
+    ],
+)
+def test_recurring_snapshots_rule(snapshot, backup, on):
+    etcd = EtcdService(snapshot=snapshot, backup_config=backup)
+    assert recurring_snapshots(etcd) is on
+    d = compile_desired(config(services=Services(etcd=etcd)))
+    with_it = sorted(n.name for n in d.nodes if n.service(ROLLING) is not None)
+    assert with_it == (["10.0.0.2", "cp1"] if on else [])
+
+
+def test_rolling_snapshots_spec_creation_and_retention():
+    d = compile_desired(config())
+    cp1 = spec(d, "cp1", ROLLING)
+    assert cp1.command == (
+        "/opt/rke-tools/rke-etcd-backup", "etcd-backup", "save",
+        "--cacert", "/etc/kubernetes/ssl/kube-etcd-ca.pem",
+        "--cert", "/etc/kubernetes/ssl/kube-etcd-10-0-0-1.pem",
+        "--key", "/etc/kubernetes/ssl/kube-etcd-10-0-0-1-key.pem",
+        "--name", "etcd-rolling-snapshots",
+        "--endpoints=10.0.0.1:2379",  # as RKE: the internal address
+        "--retention=72h", "--creation=12h",
+    )
+    assert cp1.args == ()
+    assert cp1.image == "rancher/rke-tools:v0.1.102"  # system_images.alpine
+    assert cp1.binds == ("/opt/rke/etcd-snapshots:/backup", "/etc/kubernetes:/etc/kubernetes")
+    assert cp1.health is None
+    assert (cp1.restart, cp1.network_mode, cp1.privileged) == ("always", "host", False)
+    assert cp1.volumes_from == ()
+    # the certificates it reads are in its hash: a rotation replaces it
+    assert dict(cp1.labels).get("io.rkel.certs")
+    other = spec(d, "10.0.0.2", ROLLING)
+    assert "--cert" in other.command and "/etc/kubernetes/ssl/kube-etcd-10-0-0-2.pem" in other.command
+    assert spec(d, "w1", "kubelet") and d.node("w1").service(ROLLING) is None
+
+
+def test_rolling_snapshots_backup_config_env_prefix_and_image():
+    etcd = EtcdService(
+        creation="6h", retention="24h", extra_env=["HTTPS_PROXY=http://proxy:3128"],
+        extra_binds=["/srv/etcd-extra:/extra"],
+        backup_config=BackupConfig(interval_hours=3, retention=10),
+    )
+    node = Node("198.51.100.8", "rke", ("etcd", "controlplane"), internal_address="10.0.0.8")
+    d = compile_desired(config(node, services=Services(etcd=etcd), prefix_path="/opt/p/",
+                               system_images={"alpine": "example.com/rke-tools:v9"}))
+    s = spec(d, "198.51.100.8", ROLLING)
+    assert s.command[-3:] == ("--endpoints=10.0.0.8:2379", "--interval-hours=3", "--retention=10")
+    assert not any(c.startswith("--creation") for c in s.command)
+    assert s.env == ("HTTPS_PROXY=http://proxy:3128",)
+    assert s.binds == ("/opt/p/opt/rke/etcd-snapshots:/backup", "/opt/p/etc/kubernetes:/etc/kubernetes")
+    assert s.image == "example.com/rke-tools:v9"
+    # backup_config disabled with snapshot on: services.etcd's durations instead
+    off = replace_backup(etcd, BackupConfig(enabled=False, interval_hours=3, retention=10))
+    d = compile_desired(config(node, services=Services(etcd=off)))
+    assert spec(d, "198.51.100.8", ROLLING).command[-2:] == ("--retention=24h", "--creation=6h")
+
+
+def replace_backup(etcd: EtcdService, backup: BackupConfig) -> EtcdService:
+    return dataclasses.replace(etcd, backup_config=backup)
+
+
+def test_rolling_snapshots_setting_change_changes_only_its_hash():
+    before = compile_desired(config())
+    after = compile_desired(config(services=Services(etcd=EtcdService(creation="6h"))))
+    changed = {(n.name, s.name) for n in after.nodes for s in n.services
+               if before.node(n.name).service(s.name).hash != s.hash}
+    assert changed == {("cp1", ROLLING), ("10.0.0.2", ROLLING)}
 
 
 def test_etcd_listens_on_internal_address_when_it_differs():

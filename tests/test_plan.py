@@ -15,6 +15,7 @@ import pytest
 
 from lifecycle.config.model import (
     ClusterConfig,
+    EtcdService,
     KubeAPIService,
     Node,
     Services,
@@ -119,8 +120,8 @@ def test_fresh_etcd_members_start_one_at_a_time() -> None:
     assert group.concurrency == 1
     assert names(group) == ["n1", "n2", "n3"]  # one unit per etcd node, by name
     for unit in group.units:
-        assert actions(unit) == ["etcd-join", "start"]
-        assert unit.steps[1].service == "etcd"
+        assert actions(unit) == ["etcd-join", "start", "start"]
+        assert [s.service for s in unit.steps[1:]] == ["etcd", "etcd-rolling-snapshots"]
     # etcd starts nowhere else.
     etcd_steps = [s.node for s in plan.steps if s.service == "etcd"]
     assert etcd_steps == ["n1", "n1", "n2", "n2", "n3", "n3"]
@@ -298,7 +299,7 @@ def test_adding_and_removing_an_etcd_member_adds_first(etcd3: Current) -> None:
     removal = only_group(plan, "removals", "etcd members")
     assert plan.groups.index(etcd) < plan.groups.index(removal)
     assert names(etcd) == ["n6"]
-    assert actions(etcd.units[0]) == ["etcd-join", "start"]
+    assert actions(etcd.units[0]) == ["etcd-join", "start", "start"]
     assert names(removal) == ["n2"]
     assert removal.concurrency == 1
     unit = removal.units[0]
@@ -550,3 +551,41 @@ def test_a_plan_with_two_steps_sharing_an_id_is_refused() -> None:
     group = Group("restore", "start", 1, (Unit("n1", "change", (twice,)),))
     with pytest.raises(ValueError, match="n1:restore-start"):
         Plan((group, replace(group, title="again")), (), "", "")
+
+
+# ---------------------------------------------------------------------------- rolling snapshots
+ROLLING = "etcd-rolling-snapshots"
+
+
+def with_etcd(config: ClusterConfig, **etcd: object) -> ClusterConfig:
+    return replace(config, services=Services(etcd=EtcdService(**etcd)))  # type: ignore[arg-type]
+
+
+def test_rolling_snapshots_are_switched_in_the_etcd_phase_alone(sim: SimCluster) -> None:
+    nodes = [node(1, CP, ETCD), node(2, ETCD), node(3, ETCD, WORKER), node(4, WORKER)]
+    off = with_etcd(cluster(nodes), snapshot=False)
+    current = applied(sim, off)
+    assert not any(s.name == ROLLING for n in current.nodes for s in n.services)
+    # on, on a running cluster: started beside each member, no etcd-join, nothing else touched
+    on = cluster(nodes)
+    plan = plan_for(current, on)
+    assert [g.phase for g in plan.groups] == ["etcd"]
+    etcd = only_group(plan, "etcd")
+    assert names(etcd) == ["n1", "n2", "n3"] and etcd.concurrency == 1
+    assert all([(s.action, s.service) for s in u.steps] == [("start", ROLLING)] for u in etcd.units)
+    current = applied(sim, on)
+    # a setting of theirs replaces them alone
+    plan = plan_for(current, with_etcd(cluster(nodes), creation="6h"))
+    assert {(s.action, s.service) for s in plan.steps} == {("replace", ROLLING)}
+    assert [g.phase for g in plan.groups] == ["etcd"]
+    # off again: removed, in the etcd phase
+    plan = plan_for(current, off)
+    assert [g.phase for g in plan.groups] == ["etcd"]
+    assert {(s.node, s.action, s.service) for s in plan.steps} == {
+        (n, "remove-service", ROLLING) for n in ("n1", "n2", "n3")}
+    current = applied(sim, off)
+    assert not any(s.name == ROLLING for n in current.nodes for s in n.services)
+
+
+def test_teardown_stops_rolling_snapshots_just_before_etcd() -> None:
+    assert STOP_ORDER.index(ROLLING) == STOP_ORDER.index("etcd") - 1

@@ -126,8 +126,8 @@ def test_unchanged_cluster_imports_and_plans_no_container_or_certificate_change(
         assert node["differing"] == {}, name
         assert node["certificates_match"], name
     assert data["nodes"]["cp-1"]["matching"] == sorted(
-        ["etcd", SIDEKICK, "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-         "kubelet", "kube-proxy"])
+        ["etcd", "etcd-rolling-snapshots", SIDEKICK, "kube-apiserver",
+         "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"])
     assert "nginx-proxy" in data["nodes"]["worker-4"]["matching"]
 
     after = plan(site)

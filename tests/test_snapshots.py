@@ -309,14 +309,19 @@ def test_prune_keeps_what_it_could_not_delete_on_a_node(sim: SimCluster, tmp_pat
 
 
 # ---------------------------------------------------------------------------- warning
-def test_recurring_snapshot_warning() -> None:
+def test_recurring_snapshot_warning_only_for_s3_uploads() -> None:
+    """rkel runs the recurring snapshots; only their S3 uploads are still warned about."""
     assert recurring_snapshot_warning(config_of()) is None
     on = config_of(CONFIG + "services:\n  etcd:\n    snapshot: true\n")
-    warning = recurring_snapshot_warning(on)
-    assert warning and "rkel snapshot save" in warning and "cron" in warning
-    s3 = config_of(CONFIG + "services:\n  etcd:\n    backup_config:\n      enabled: true\n"
-                   "      s3backupconfig: {bucket_name: b, endpoint: s3.example.com}\n")
-    assert "S3" in (recurring_snapshot_warning(s3) or "")
+    assert recurring_snapshot_warning(on) is None
+    s3_yaml = ("services:\n  etcd:\n    backup_config:\n      enabled: {}\n"
+               "      s3backupconfig: {{bucket_name: b, endpoint: s3.example.com}}\n")
+    warning = recurring_snapshot_warning(config_of(CONFIG + s3_yaml.format("true")))
+    assert warning and "S3" in warning and "locally" in warning
+    assert "/opt/rke/etcd-snapshots" in warning
+    # snapshots off altogether: no upload to warn about
+    off = config_of(CONFIG + s3_yaml.format("false").replace("etcd:\n", "etcd:\n    snapshot: false\n"))
+    assert recurring_snapshot_warning(off) is None
 
 
 # ---------------------------------------------------------------------------- the command

@@ -7,7 +7,8 @@ base (real etcd). The others are the base plus files (`docker create` + `docker 
 commit`, so they share its layer):
 
 - `rancher/rke-tools:testbed`: /opt/rke-tools/entrypoint.sh (a VOLUME, as in the real image, which
-  the components get through the `service-sidekick` container) and the nginx-proxy stand-in;
+  the components get through the `service-sidekick` container), /opt/rke-tools/rke-etcd-backup
+  (the `etcd-rolling-snapshots` container's command) and the nginx-proxy stand-in;
 - `rancher/hyperkube:<tag>` for every Kubernetes version rkel ships data for: the stand-in
   components under /opt/standins, each on PATH under its real name (kube-apiserver, kubelet, ...),
   with STANDIN_VERSION set from the tag. These are stand-ins (see scenarios/standins/README.md),
@@ -299,8 +300,11 @@ def _standins(tree: Path, names: list[str]) -> None:
 
 
 def tools_overlay(tree: Path, _img: ImageSpec) -> list[str]:
-    """rke-tools: the entrypoint stand-in in the /opt/rke-tools volume, and nginx-proxy."""
+    """rke-tools: the entrypoint and rke-etcd-backup stand-ins in the /opt/rke-tools volume,
+    and nginx-proxy."""
     _script(tree / "opt/rke-tools/entrypoint.sh", (STANDINS / "rke_tools_entrypoint.sh").read_text())
+    _script(tree / "opt/rke-tools/rke-etcd-backup",
+            "#!/bin/sh\nexec /usr/bin/python3.11 /opt/standins/rke_etcd_backup.py \"$@\"\n")
     _standins(tree, [p.name for p in STANDINS.glob("*.py")])
     _script(tree / "usr/bin/nginx-proxy",
             "#!/bin/sh\nexec /usr/bin/python3.11 /opt/standins/nginx_proxy.py \"$@\"\n")

@@ -170,8 +170,8 @@ def test_status_lists_every_node_and_service_running_with_its_image(cluster: Clu
     data = json.loads(result.stdout)
     nodes = {n["name"]: n for n in data["nodes"]}
     assert sorted(nodes) == list(HOSTS)
-    want = {"etcd", "service-sidekick", "kube-apiserver", "kube-controller-manager",
-            "kube-scheduler", "kubelet", "kube-proxy"}
+    want = {"etcd", "etcd-rolling-snapshots", "service-sidekick", "kube-apiserver",
+            "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"}
     for name, node in nodes.items():
         assert node["state"] == "running", name
         services = {s["name"]: s for s in data["services"] if s["node"] == name}

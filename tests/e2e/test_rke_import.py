@@ -178,6 +178,8 @@ def rke_up(c: RkeBuilt) -> Any:
         c.write_node_files(config, host)
     for node in desired.nodes:
         c.run_as_rke(node.name, node.service("etcd"))  # type: ignore[arg-type]
+        # RKE's default: recurring snapshots on, their container right after etcd
+        c.run_as_rke(node.name, node.service("etcd-rolling-snapshots"))  # type: ignore[arg-type]
     wait_for("etcd healthy", lambda: c.etcd("endpoint", "health", "--cluster",
                                             check=False).returncode == 0, timeout=90)
     for names in (CONTROL, WORKER):
