@@ -5,7 +5,10 @@ One story on hosts rkn1..rkn3 (10.77.0.11-13), as the non-root docker-group user
 The file must be on every node's /opt/rke/etcd-snapshots (read through the testbed's host dirs)
 and locally, byte-identical, and readable by the machine's own etcdctl; one flipped byte on one
 node makes verify fail naming that node; prune removes the older one everywhere and keeps the
-newest.
+newest. Besides, the story's cluster.yml asks for RKE's recurring snapshots (backup_config,
+retention 2; the rke-etcd-backup stand-in's interval set to 2 s): each etcd node's
+etcd-rolling-snapshots container keeps its newest two `<time>_etcd` files there, readable by
+etcdctl; switching them off removes the container and leaves the files.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -27,6 +31,10 @@ from tests.e2e.test_etcd_plane import ADDRESSES, Story, rkel
 pytestmark = pytest.mark.e2e
 
 HOSTS = ("rkn1", "rkn2", "rkn3")
+ROLLING = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ_etcd")  # rke-tools' names
+INTERVAL = 2  # seconds between recurring snapshots (a stand-in switch, through etcd's extra_env)
+RECURRING = {"extra_env": [f"STANDIN_SNAPSHOT_INTERVAL_SECONDS={INTERVAL}"],
+             "backup_config": {"interval_hours": 12, "retention": 2}}
 
 
 def node_copy(story: Story, host: str, name: str) -> Path:
@@ -42,7 +50,7 @@ def sha(path: Path) -> str:
 def story(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     testbed.ensure(("4",))
     s = Story(tmp_path_factory.mktemp("snapshots"), testbed)
-    s.write(list(HOSTS))
+    s.write(list(HOSTS), services={"etcd": RECURRING})
     try:
         yield s
     finally:
@@ -154,3 +162,45 @@ def test_prune_keeps_the_newest(story: Story) -> None:
     last = snap(story, "snapshot", "prune", "--older-than", "1s")
     assert last.returncode == 0 and "kept e2e-second" in last.stdout, last.stderr
     assert snap(story, "snapshot", "verify").returncode == 0
+
+
+def rolling(story: Story, host: str) -> list[str]:
+    folder = node_copy(story, host, "")
+    return sorted(p.name for p in folder.iterdir() if ROLLING.fullmatch(p.name))
+
+
+def test_recurring_snapshots_are_taken_on_every_etcd_node_and_pruned(story: Story) -> None:
+    seen: dict[str, set[str]] = {h: set() for h in HOSTS}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for host in HOSTS:
+            now = rolling(story, host)
+            assert len(now) <= 2, (host, now)  # backup_config.retention: 2
+            seen[host].update(now)
+        if all(len(names) >= 4 for names in seen.values()):  # two rounds of pruning seen
+            break
+        time.sleep(0.5)
+    assert all(len(names) >= 4 for names in seen.values()), seen
+    for host in HOSTS:
+        newest = node_copy(story, host, rolling(story, host)[-1])
+        result = subprocess.run(["etcdctl", "snapshot", "status", str(newest), "-w", "json"],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "ETCDCTL_API": "3"}, check=False)
+        assert result.returncode == 0, (host, result.stderr)
+        assert json.loads(result.stdout)["totalKey"] >= 20, host  # the story's keys are in it
+    planned = snap(story, "plan")
+    assert planned.returncode == 0 and "etcd-rolling-snapshots" not in planned.stdout, planned.stdout
+
+
+def test_recurring_snapshots_switched_off_remove_the_container_not_the_files(story: Story) -> None:
+    story.write(list(HOSTS), services={"etcd": {**RECURRING, "snapshot": False,
+                                                "backup_config": {"enabled": False}}})
+    planned = snap(story, "plan")
+    assert planned.returncode == 0, planned.stderr
+    assert "etcd-rolling-snapshots" in planned.stdout, planned.stdout
+    off = story.apply()
+    assert off.returncode == 0, off.stderr
+    for host in HOSTS:
+        names = story.ssh(host, "docker ps -a --format '{{.Names}}'").split()
+        assert "etcd-rolling-snapshots" not in names and "etcd" in names, (host, names)
+        assert rolling(story, host), host  # rkel never deletes the backups themselves
