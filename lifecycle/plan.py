@@ -19,6 +19,7 @@ import copy
 import json
 import re
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from itertools import chain
@@ -325,9 +326,8 @@ class Plan:
     def __post_init__(self) -> None:
         # A resumed run skips every step whose id has a done row: two steps sharing an id would
         # have the second skipped as if it had run.
-        ids = [s.id for s in self.steps]
-        if len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})
+        twice = sorted(i for i, n in Counter(s.id for s in self.steps).items() if n > 1)
+        if twice:
             raise ValueError(f"plan has steps sharing an id: {', '.join(twice)}")
 
     @property

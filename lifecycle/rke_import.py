@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 ACTIONS = ("import-certs", "adopt-node", "import-finish")
 IMPORTED_FROM = "imported_from"  # the state's cluster key: RKE state file path and sha256
 # Containers RKE runs that rkel does not manage: left as they are, named in the import notes.
-RKE_ONLY = ("etcd-rolling-snapshots", "rke-log-linker", "rke-log-cleaner", "rke-bundle-cert")
+RKE_ONLY = ("rke-log-linker", "rke-log-cleaner", "rke-bundle-cert")
 
 
 class AdoptionError(RkelError):
