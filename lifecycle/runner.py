@@ -12,14 +12,14 @@ import signal
 import sqlite3
 import tempfile
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from lifecycle.addons import compile_addons
 from lifecycle.budget import Unavailable, check_version_change
 from lifecycle import encryption_run, restore, rke_import, rotate
-from lifecycle.snapshots import APPLIED_CONFIG, recurring_snapshot_warning, save_snapshot
+from lifecycle.snapshots import (APPLIED_CONFIG, default_name, recurring_snapshot_warning,
+                                 save_snapshot, unused_name)
 from lifecycle.budget import preflight as budget_preflight
 from lifecycle.config import LoadedConfig, load_config, load_config_text
 from lifecycle.config.model import ClusterConfig
@@ -202,7 +202,8 @@ def auto_snapshot(store: Store, backend: Backend, config: Path, folder: Path) ->
     loaded = running_config(store, config)
     return save_snapshot(store, backend, loaded.config,
                          desired_for(loaded.config, store),
-                         f"rkel-auto-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", kind="auto",
+                         unused_name(store, folder, default_name(prefix="rkel-auto")),
+                         kind="auto",
                          folder=folder)
 
 

@@ -14,6 +14,7 @@ etcd node, checked there by sha256, and only then catalogued: a catalogue row al
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import sqlite3
@@ -54,9 +55,17 @@ class SnapshotError(PlanError):
 
 
 # ---------------------------------------------------------------------------- names and places
-def default_name(now: datetime | None = None) -> str:
-    """rkel-<UTC yyyymmddThhmmssZ> (RKE names its own <cluster>-<timestamp>)."""
-    return f"rkel-{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}"
+def default_name(now: datetime | None = None, prefix: str = "rkel") -> str:
+    """<prefix>-<UTC yyyymmddThhmmssZ> (RKE names its own <cluster>-<timestamp>)."""
+    return f"{prefix}-{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}"
+
+
+def unused_name(store: Store, folder: Path, stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`, ... : the first name neither catalogued nor on disk in
+    `folder` (two runs within one second must not collide on a timestamped name)."""
+    names = (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1))
+    return next(name for name in names
+                if store.snapshot(name) is None and not (folder / name).exists())
 
 
 def check_name(name: str) -> str:
@@ -268,7 +277,7 @@ def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired
     nothing is catalogued.
     """
     started = clock()
-    name = check_name(name or default_name())
+    name = check_name(name or unused_name(store, folder, default_name()))
     if store.snapshot(name) is not None:
         raise SnapshotError(f"a snapshot named {name!r} already exists; pick another --name")
     source, spec = pick_member(backend, desired)

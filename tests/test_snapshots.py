@@ -119,6 +119,17 @@ def test_default_name_is_a_utc_timestamp(sim: SimCluster, tmp_path: Path) -> Non
         "rkel-20240506T070809Z"
 
 
+def test_unnamed_snapshots_in_one_second_get_distinct_names(sim: SimCluster, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # two runs in the same second (an upgrade, then the apply that finishes it) must not make
+    # the second refuse with "already exists"
+    monkeypatch.setattr(snapshots, "default_name", lambda *a, **k: "rkel-20240506T070809Z")
+    folder = tmp_path / "s"
+    names = [save(sim, folder).name for _ in range(3)]
+    assert names == ["rkel-20240506T070809Z", "rkel-20240506T070809Z-2", "rkel-20240506T070809Z-3"]
+    assert all((folder / name).is_file() for name in names)
+
+
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "/etc/passwd", ".hidden", "a b", "x;rm",
                                  "a" * 129, "x.part", "y.rkel.db", "é"])
 def test_bad_names_are_refused(bad: str) -> None:
