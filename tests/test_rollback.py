@@ -264,3 +264,29 @@ def test_a_catalogue_row_changed_outside_rkel_is_not_restored(upgraded: SimClust
         db.execute("UPDATE snapshots SET sha256 = ? WHERE name = 'before'", ["0" * 64])
     with pytest.raises(SnapshotError, match="cannot be trusted for a restore"):
         plan_rollback(tmp_path / "cluster.yml", upgraded.store, None)
+
+
+def test_write_config_never_overwrites_an_earlier_backup(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # two `rollback --write-config` in one second: each cluster.yml the user had is kept
+    from datetime import UTC, datetime
+
+    from lifecycle.cli import rollback as cli_rollback
+    from lifecycle.runner import RollbackPlan
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    monkeypatch.setattr(cli_rollback, "datetime", Frozen)
+    config = tmp_path / "cluster.yml"
+    for before, recorded in (("first edit\n", OLD), ("second edit\n", NEW)):
+        config.write_text(before)
+        rb = RollbackPlan(row=None, plan=None, loaded=None, desired=None, text=recorded)  # type: ignore[arg-type]
+        assert cli_rollback._write_config(rb, config) is not None
+        assert config.read_text() == recorded
+    kept = sorted(tmp_path.glob("cluster.yml.before-rollback-*"))
+    assert [p.name for p in kept] == ["cluster.yml.before-rollback-20260102T030405Z",
+                                      "cluster.yml.before-rollback-20260102T030405Z-2"]
+    assert [p.read_text() for p in kept] == ["first edit\n", "second edit\n"]

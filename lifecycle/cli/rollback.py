@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from datetime import UTC, datetime
@@ -56,8 +57,10 @@ def _write_config(rb: runner.RollbackPlan, config: Path) -> Path | None:
     if config.exists():
         if config.read_text(encoding="utf-8-sig") == rb.text:
             return None
-        backup = config.with_name(f"{config.name}.before-rollback-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-        os.replace(config, backup)
+        stem = f"{config.name}.before-rollback-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        names = (stem if n == 1 else f"{stem}-{n}" for n in itertools.count(1))
+        backup = next(p for p in map(config.with_name, names) if not p.exists())
+        os.replace(config, backup)  # an earlier backup of the same second is never overwritten
     fd = os.open(config, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(rb.text)
