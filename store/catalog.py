@@ -120,11 +120,16 @@ class CatalogStore(StoreBase):
         config: Mapping[str, Any],
         run_id: int | None = None,
         status: str = "ok",
+        created_at: str | None = None,
     ) -> SnapshotRow:
-        """Catalog a snapshot; refused if the name is taken."""
+        """Catalog a snapshot; refused if the name is taken.
+
+        :param created_at: when it was taken (ISO 8601, UTC), if not now: a recurring
+            snapshot is catalogued after the fact.
+        """
         if kind not in SNAPSHOT_KINDS:
             raise ValueError(f"snapshot kind must be one of {SNAPSHOT_KINDS}, not {kind!r}")
-        created = now()
+        created = created_at or now()
         fields = [name, created, run_id, kind, sha256, size, dict(location), dict(versions),
                   dict(config), status]
         values = [*fields[:6], *(dumps(v) for v in fields[6:9]), status,

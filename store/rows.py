@@ -37,7 +37,7 @@ class LockHeld(StoreError):
 
 JOURNAL_PHASES = ("intent", "done", "failed", "note")
 RUN_STATUSES = ("running", "done", "failed", "interrupted", "abandoned")
-SNAPSHOT_KINDS = ("manual", "auto")
+SNAPSHOT_KINDS = ("manual", "auto", "recurring")
 
 
 def dumps(value: Any) -> str:

@@ -157,3 +157,34 @@ def _snapshot_seal(db: Database) -> None:
     # An HMAC over each catalogue row (store.seal): an edited checksum is found, not trusted.
     # Rows from before stay unsealed and are reported as such.
     _run(db, ["ALTER TABLE snapshots ADD COLUMN seal TEXT NOT NULL DEFAULT ''"])
+
+
+@_migration("0005_recurring_snapshot_kind")
+def _recurring_snapshot_kind(db: Database) -> None:
+    # A file of the etcd-rolling-snapshots container, catalogued so it can be restored: kind
+    # 'recurring'. SQLite cannot change a CHECK constraint in place, so the table is rebuilt
+    # (same columns, same rows, same seals).
+    _run(
+        db,
+        [
+            """CREATE TABLE snapshots_0005 (
+                name TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL,
+                run_id INTEGER REFERENCES runs(id),
+                kind TEXT NOT NULL CHECK (kind IN ('manual', 'auto', 'recurring')),
+                sha256 TEXT NOT NULL DEFAULT '',
+                size INTEGER NOT NULL DEFAULT 0,
+                location TEXT NOT NULL DEFAULT '{}',
+                versions TEXT NOT NULL DEFAULT '{}',
+                config_json TEXT NOT NULL DEFAULT '{}',
+                status TEXT NOT NULL DEFAULT 'ok',
+                seal TEXT NOT NULL DEFAULT ''
+            )""",
+            """INSERT INTO snapshots_0005 (name, created_at, run_id, kind, sha256, size, location,
+                                           versions, config_json, status, seal)
+               SELECT name, created_at, run_id, kind, sha256, size, location, versions,
+                      config_json, status, seal FROM snapshots""",
+            "DROP TABLE snapshots",
+            "ALTER TABLE snapshots_0005 RENAME TO snapshots",
+        ],
+    )

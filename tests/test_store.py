@@ -451,6 +451,38 @@ def test_snapshot_catalog(store: Store) -> None:
     assert store.snapshot("manual-a") is None
 
 
+def test_a_state_from_before_recurring_snapshots_keeps_its_catalogue(db_path: Path) -> None:
+    # a database migrated up to 0004 (kind 'manual' or 'auto' only) with a catalogued snapshot
+    with Store.open(db_path) as s:
+        s.add_snapshot("pre-1", kind="auto", sha256="ab" * 32, size=5, location={"path": "/x"},
+                       versions={"kubernetes_version": "v1.30.5"}, config={"nodes": []})
+    with raw(db_path) as conn:
+        conn.executescript(
+            "BEGIN; CREATE TABLE old AS SELECT * FROM snapshots; DROP TABLE snapshots;"
+            " CREATE TABLE snapshots (name TEXT PRIMARY KEY, created_at TEXT NOT NULL, run_id"
+            " INTEGER REFERENCES runs(id), kind TEXT NOT NULL CHECK (kind IN ('manual', 'auto')),"
+            " sha256 TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL DEFAULT 0, location TEXT NOT"
+            " NULL DEFAULT '{}', versions TEXT NOT NULL DEFAULT '{}', config_json TEXT NOT NULL"
+            " DEFAULT '{}', status TEXT NOT NULL DEFAULT 'ok', seal TEXT NOT NULL DEFAULT '');"
+            " INSERT INTO snapshots SELECT * FROM old; DROP TABLE old;"
+            f" DELETE FROM {MIGRATIONS_TABLE} WHERE name = '0005_recurring_snapshot_kind'; COMMIT;")
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO snapshots (name, created_at, kind) VALUES ('r', 'now',"
+                         " 'recurring')")
+    conn.close()
+    with Store.open(db_path) as s:
+        assert s.migrations_applied() == KNOWN_MIGRATIONS
+        row = s.snapshot("pre-1")
+        assert row is not None and row.kind == "auto" and row.sha256 == "ab" * 32
+        assert s.catalogue_problems("pre-1") == []  # its seal still holds
+        taken = s.add_snapshot("2026-01-02T03:04:05Z_etcd", kind="recurring", sha256="cd" * 32,
+                               size=7, location={}, versions={}, config={},
+                               created_at="2026-01-02T03:04:05+00:00")
+        assert taken.created_at == "2026-01-02T03:04:05+00:00"
+        # oldest first, by when each was taken (not when it was catalogued)
+        assert [r.name for r in s.snapshots()] == ["2026-01-02T03:04:05Z_etcd", "pre-1"]
+
+
 def test_certificates_put_get_and_journaled(store: Store) -> None:
     store.put_certificate("kube-ca", "PEM", b"\x00secret", expires_at="2035", sans=["a", "b"])
     cert = store.certificate("kube-ca")
