@@ -44,6 +44,8 @@ from store import LockHeld, SnapshotRow, Store, StoreError
 
 ETCDCTL = "/usr/local/bin/etcdctl"  # where the upstream etcd image has it
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The etcd-rolling-snapshots container's file names (rke-tools: RFC 3339 UTC time, then _etcd).
+RECURRING_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)_etcd")
 STATE_COPY_SUFFIX = ".rkel.db"
 APPLIED_CONFIG = "applied_config"  # store meta: the sealed cluster.yml the cluster runs
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -69,7 +71,10 @@ def unused_name(store: Store, folder: Path, stem: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """`name` if it is a safe snapshot file name: letters, digits, `.`, `_`, `-`."""
+    """`name` if it is a safe snapshot file name: letters, digits, `.`, `_`, `-` (or the name
+    of a recurring snapshot, which also holds `:`)."""
+    if RECURRING_NAME.fullmatch(name):
+        return name
     if not NAME_PATTERN.fullmatch(name) or name.endswith((".part", STATE_COPY_SUFFIX)):
         raise SnapshotError(
             f"invalid snapshot name {name!r}: use 1-128 letters, digits, '.', '_' or '-',"
@@ -255,13 +260,23 @@ def _take(host: Host, spec: ServiceSpec, config: ClusterConfig, remote: str) -> 
         raise HostError(host.name, f"etcdctl snapshot save failed: {_output_tail(out)}; check"
                         " the etcd container (`docker logs etcd`) and free space in"
                         f" {remote_dir(config)}")
+    status, why = _read_back(host, spec, config, inside)
+    if status is None:
+        raise SnapshotError(f"the snapshot taken on {host.name} does not read back"
+                            f" (etcdctl snapshot status: {why}); it was discarded")
+    return status
+
+
+def _read_back(host: Host, spec: ServiceSpec, config: ClusterConfig,
+               inside: str) -> tuple[dict[str, Any] | None, str]:
+    """`etcdctl snapshot status` of a file in the snapshot folder (a test read): (its JSON,
+    "") or (None, why etcd cannot read it)."""
     code, out = host.run_once(spec.image, [ETCDCTL, "snapshot", "status", inside, "-w", "json"],
                               binds=_binds(config), env=["ETCDCTL_API=3"])
     status = _json(out, dict)
-    if code != 0 or not isinstance(status, dict):
-        raise SnapshotError(f"the snapshot taken on {host.name} does not read back"
-                            f" (etcdctl snapshot status: {_output_tail(out)}); it was discarded")
-    return status
+    if code == 0 and isinstance(status, dict):
+        return status, ""
+    return None, _output_tail(out)
 
 
 def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired: Desired,
@@ -278,6 +293,9 @@ def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired
     """
     started = clock()
     name = check_name(name or unused_name(store, folder, default_name()))
+    if RECURRING_NAME.fullmatch(name):
+        raise SnapshotError(f"{name!r} is named like the recurring snapshots (<time>_etcd), which"
+                            " the etcd-rolling-snapshots container prunes; pick another --name")
     if store.snapshot(name) is not None:
         raise SnapshotError(f"a snapshot named {name!r} already exists; pick another --name")
     source, spec = pick_member(backend, desired)
@@ -367,6 +385,114 @@ def _combined(what: str, failures: dict[str, Exception]) -> RkelError:
            for e in failures.values()):
         return HostError(", ".join(sorted(failures)), message)
     return SnapshotError(message)
+
+
+# ---------------------------------------------------------------------------- recurring
+@dataclass
+class OnNodes:
+    """The recurring snapshot files the etcd nodes hold: name -> {node: size}, and the nodes
+    that could not be asked, with why."""
+
+    files: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+
+def recurring_on_nodes(backend: Backend, config: ClusterConfig, desired: Desired) -> OnNodes:
+    """List every etcd node's snapshot folder (all at once) for the etcd-rolling-snapshots
+    container's `<time>_etcd` files."""
+    found = OnNodes()
+    folder = remote_dir(config)
+
+    def scan(ref: NodeRef) -> None:
+        for name, size in backend.host(ref).list_files(folder).items():
+            if RECURRING_NAME.fullmatch(name):
+                found.files.setdefault(name, {})[ref.name] = size
+
+    failures = _fan_out([_ref(n) for n, _ in _etcd_members(desired)], scan)
+    found.unreachable = {n: str(exc) for n, exc in failures.items()}
+    found.files = {k: dict(sorted(v.items())) for k, v in sorted(found.files.items())}
+    return found
+
+
+def taken_at(name: str) -> datetime | None:
+    """When a recurring snapshot was taken, from its name (None: not a recurring name)."""
+    match = RECURRING_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, desired: Desired,
+                        name: str, *, folder: Path) -> SnapshotRow:
+    """Catalogue a file of the etcd-rolling-snapshots container so it can be restored: found
+    on the etcd nodes, test-read by etcd there, fetched here and checksummed.
+
+    It carries no component versions and no cluster.yml (nobody recorded them when the
+    container took it), so `rkel snapshot restore` can use it and `rkel rollback` cannot.
+    Refused when two nodes hold different files of that name: a restore would overwrite one.
+    The caller holds the run lock.
+    """
+    when = taken_at(name)
+    if when is None:
+        raise SnapshotError(f"{name!r} is not a recurring snapshot's name (<UTC time>_etcd, e.g."
+                            " 2026-01-02T03:04:05Z_etcd); `rkel snapshot list --on-nodes` shows"
+                            " them")
+    if store.snapshot(name) is not None:
+        raise SnapshotError(f"snapshot {name} is already catalogued")
+    found = recurring_on_nodes(backend, config, desired)
+    holders = sorted(found.files.get(name, {}))
+    if not holders:
+        gone = (f"; {', '.join(sorted(found.unreachable))} could not be asked"
+                if found.unreachable else "")
+        raise SnapshotError(f"no etcd node holds {remote_dir(config)}/{name}{gone}; `rkel"
+                            " snapshot list --on-nodes` shows the recurring snapshots they hold")
+    remote = f"{remote_dir(config)}/{name}"
+    members = dict(_etcd_members(desired))
+    by_name = {n.name: n for n in members}
+    digests = {n: backend.host(_ref(by_name[n])).file_sha256(remote) for n in holders}
+    if len(set(digests.values())) > 1:
+        listed = ", ".join(f"{n} sha256 {d and d[:12]}" for n, d in digests.items())
+        raise SnapshotError(f"the etcd nodes hold different files named {name} ({listed}); a"
+                            " restore would replace all but one. Move the ones you do not want"
+                            " out of the snapshot folder on their node, then try again")
+    source = by_name[holders[0]]
+    host = backend.host(_ref(source))
+    status, why = _read_back(host, members[source], config, f"{SNAPSHOT_DIR}/{name}")
+    if status is None:
+        raise SnapshotError(f"{source.name}: {remote} does not read as an etcd snapshot"
+                            f" (etcdctl snapshot status: {why}); pick another one")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    local, part = folder / name, folder / f".{name}.part"
+    if local.exists():
+        raise SnapshotError(f"{local} already exists but is not catalogued; move it away first")
+    try:
+        fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            host.fetch_file(remote, out)
+            out.flush()
+            os.fsync(out.fileno())
+        digest, size = sha256_file(part)
+        if digest != digests[source.name]:
+            raise SnapshotError(f"the copy fetched from {source.name} does not match it (sha256"
+                                f" {digest} here, {digests[source.name]} on the node); try again")
+        os.replace(part, local)
+        location = {
+            "path": remote, "nodes": holders, "taken_on": source.name,
+            "local": str(local.resolve()), "state_copy": "", "recurring": True,
+            "etcd": {"revision": status.get("revision"), "total_keys": status.get("totalKey"),
+                     "total_size": status.get("totalSize")},
+        }
+        try:
+            return store.add_snapshot(name, kind="recurring", sha256=digest, size=size,
+                                      location=location, versions={}, config={},
+                                      created_at=when.isoformat(timespec="microseconds"))
+        except StoreError as exc:
+            raise StateError(f"cataloguing snapshot {name} failed: {exc}") from exc
+    except BaseException:
+        for path in (part, local):
+            path.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------- list

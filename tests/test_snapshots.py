@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import snapshots
+from lifecycle import restore, snapshots
 from lifecycle.config import load_config_text
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
@@ -335,6 +335,83 @@ def test_recurring_snapshot_warning_only_for_s3_uploads() -> None:
     assert recurring_snapshot_warning(off) is None
 
 
+# ---------------------------------------------------------------------------- recurring
+RECURRING = "2026-01-02T03:04:05Z_etcd"
+
+
+def place_recurring(world: SimWorld, node: str, name: str = RECURRING, source: str = "n1",
+                    snapshot: str = "base") -> bytes:
+    """Put a file like the etcd-rolling-snapshots container's on `node`: the bytes of a
+    snapshot `source` holds."""
+    data = world.read_blob(source, f"{REMOTE}/{snapshot}")
+    assert data is not None
+    world.write_blob(node, f"{REMOTE}/{name}", data)
+    return data
+
+
+def catalogue(sim: SimCluster, folder: Path, name: str = RECURRING) -> SnapshotRow:
+    config = config_of()
+    return snapshots.catalogue_recurring(sim.store, sim.world.backend(), config,
+                                         compile_desired(config), name, folder=folder)
+
+
+def test_recurring_files_on_the_nodes_are_found(sim: SimCluster, tmp_path: Path) -> None:
+    save(sim, tmp_path / "s", "base")
+    size = len(place_recurring(sim.world, "n2"))
+    place_recurring(sim.world, "n3", "2026-01-02T09:00:00Z_etcd")
+    sim.world.write_blob("n3", f"{REMOTE}/notes.txt", b"not a snapshot")
+    config = config_of()
+    found = snapshots.recurring_on_nodes(sim.world.backend(), config, compile_desired(config))
+    assert found.files == {RECURRING: {"n2": size}, "2026-01-02T09:00:00Z_etcd": {"n3": size}}
+    assert found.unreachable == {}
+    sim.world.set_reachable("n3", False)
+    found = snapshots.recurring_on_nodes(sim.world.backend(), config, compile_desired(config))
+    assert list(found.files) == [RECURRING] and list(found.unreachable) == ["n3"]
+
+
+def test_a_recurring_snapshot_is_catalogued_from_its_node(sim: SimCluster, tmp_path: Path) -> None:
+    save(sim, tmp_path / "s", "base")
+    data = place_recurring(sim.world, "n2")
+    row = catalogue(sim, tmp_path / "s")
+    assert row.kind == "recurring" and row.name == RECURRING
+    assert row.created_at.startswith("2026-01-02T03:04:05")  # when it was taken
+    assert row.location["nodes"] == ["n2"] and row.location["taken_on"] == "n2"
+    local = tmp_path / "s" / RECURRING
+    assert local.read_bytes() == data and (local.stat().st_mode & 0o777) == 0o600
+    assert row.size == len(data) and row.versions == {}  # nobody recorded versions with it
+    assert snapshots.describe(row)["kubernetes_version"] == ""
+    with pytest.raises(SnapshotError, match="no cluster.yml"):
+        restore.recorded_config(row, b"")
+    with pytest.raises(SnapshotError, match="already catalogued"):
+        catalogue(sim, tmp_path / "s")
+
+
+def test_cataloguing_refuses_what_it_cannot_trust(sim: SimCluster, tmp_path: Path) -> None:
+    save(sim, tmp_path / "s", "base")
+    save(sim, tmp_path / "s", "later")
+    folder = tmp_path / "s"
+    with pytest.raises(SnapshotError, match="not a recurring snapshot's name"):
+        catalogue(sim, folder, "base")
+    with pytest.raises(SnapshotError, match="no etcd node holds"):
+        catalogue(sim, folder)
+    # two nodes with different files of that name: a restore would overwrite one of them
+    place_recurring(sim.world, "n2")
+    place_recurring(sim.world, "n3", snapshot="later")
+    with pytest.raises(SnapshotError, match="different files named"):
+        catalogue(sim, folder)
+    # a file etcd cannot read
+    sim.world.write_blob("n3", f"{REMOTE}/{RECURRING}", b"garbage")
+    sim.world.write_blob("n2", f"{REMOTE}/{RECURRING}", b"garbage")
+    with pytest.raises(SnapshotError, match="does not read as an etcd snapshot"):
+        catalogue(sim, folder)
+    assert sim.store.snapshot(RECURRING) is None and not (folder / RECURRING).exists()
+
+
+def test_a_save_may_not_take_a_recurring_name(sim: SimCluster, tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="named like the recurring snapshots"):
+        save(sim, tmp_path / "s", RECURRING)
+
+
 # ---------------------------------------------------------------------------- the command
 def rkel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lifecycle", *args], cwd=cwd,
@@ -378,3 +455,35 @@ def test_save_while_a_run_holds_the_lock_is_refused(sim: SimCluster, tmp_path: P
                 pass
         finally:
             other.release_lock()
+
+
+def test_cli_lists_catalogues_and_restores_a_recurring_snapshot(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(CONFIG)
+    sim = ["--backend", "simulated"]
+    assert rkel("apply", "--yes", *sim, cwd=tmp_path).returncode == 0
+    assert rkel("snapshot", "save", "--name", "base", *sim, cwd=tmp_path).returncode == 0
+    world = SimWorld.load(tmp_path / "cluster.rkel.world.json")
+    place_recurring(world, "n3")
+    place_recurring(world, "n1", "2026-01-03T00:00:00Z_etcd")
+    assert RECURRING not in rkel("snapshot", "list", cwd=tmp_path).stdout  # not asked for
+    listed = rkel("snapshot", "list", "--on-nodes", *sim, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(RECURRING))
+    assert "on node" in line and line.endswith("n3")
+    # restore by name, as with `rke etcd snapshot-restore --name`: catalogued first
+    restored = rkel("snapshot", "restore", RECURRING, "--yes", *sim, cwd=tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert f"catalogued recurring snapshot {RECURRING} (taken on n3)" in restored.stderr
+    for node in ("n1", "n2"):  # staged on every etcd node from the local copy
+        assert SimWorld.load(tmp_path / "cluster.rkel.world.json").read_blob(
+            node, f"{REMOTE}/{RECURRING}") == (tmp_path / "cluster.snapshots" / RECURRING).read_bytes()
+    kept = rkel("snapshot", "catalogue", "2026-01-03T00:00:00Z_etcd", *sim, cwd=tmp_path)
+    assert kept.returncode == 0 and "from n1" in kept.stdout, kept.stderr
+    rows = {d["name"]: d for d in json.loads(
+        rkel("-o", "json", "snapshot", "list", cwd=tmp_path).stdout)}
+    assert rows[RECURRING]["kind"] == rows["2026-01-03T00:00:00Z_etcd"]["kind"] == "recurring"
+    missing = rkel("snapshot", "restore", "2026-01-09T00:00:00Z_etcd", "--yes", *sim, cwd=tmp_path)
+    assert missing.returncode == 3 and "no etcd node holds" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    rolled = rkel("rollback", "--to", RECURRING, "--yes", *sim, cwd=tmp_path)
+    assert rolled.returncode != 0 and "snapshot restore" in rolled.stderr

@@ -11,9 +11,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lifecycle import restore, runner
+from lifecycle import restore, runner, snapshots
 from lifecycle.cli import render
-from lifecycle.cli.snapshot import BACKEND, SnapshotBackend, snapshot_app
+from lifecycle.cli.snapshot import BACKEND, SnapshotBackend, catalogue_in, snapshot_app
 from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import RkelError
 from lifecycle.snapshots import describe
@@ -127,6 +127,12 @@ def _run(ctx: typer.Context, name: str | None, resume: bool, yes: bool, backend:
                 _emit_run(g, kind.capitalize(), ran)
                 return
             cluster = str(store.get_meta("cluster_name", "") or "local")
+            if data_only and store.snapshot(str(name)) is None and snapshots.taken_at(str(name)):
+                with snapshots.locked(store, command):
+                    row = catalogue_in(g, store, str(name), None, backend)
+                typer.echo(f"notice: catalogued recurring snapshot {row.name} (taken on"
+                           f" {row.location.get('taken_on')}); a copy is kept at"
+                           f" {row.location.get('local')}", err=True)
             rb = (runner.plan_restore(store, str(name), cluster) if data_only
                   else runner.plan_rollback(g.config, store, name))
             if not yes:

@@ -1,4 +1,4 @@
-"""`rkel snapshot save|list|verify|prune`: etcd snapshots (the work is in `lifecycle.snapshots`).
+"""`rkel snapshot save|list|catalogue|verify|prune`: etcd snapshots (the work is in `lifecycle.snapshots`).
 
 The global options (config, state, output) come from the main app's callback (`ctx.obj`); the
 shared helpers of `lifecycle.cli` are imported inside the commands because that module imports
@@ -21,9 +21,9 @@ import typer
 from lifecycle import snapshots
 from lifecycle.config import load_config
 from lifecycle.errors import RkelError
-from lifecycle.runner import desired_for
+from lifecycle.runner import desired_for, running_config
 
-snapshot_app = typer.Typer(help="etcd snapshots: save, list, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
+snapshot_app = typer.Typer(help="etcd snapshots: save, list, catalogue, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
 
 
 class SnapshotBackend(str, Enum):
@@ -98,26 +98,88 @@ def save(
 
 
 @snapshot_app.command("list")
-def list_(ctx: typer.Context) -> None:
+def list_(
+    ctx: typer.Context,
+    on_nodes: Annotated[bool, typer.Option(
+        "--on-nodes", help="Also ask the etcd nodes for the recurring snapshots"
+        " (etcd-rolling-snapshots) not catalogued yet.")] = False,
+    backend: BACKEND = SnapshotBackend.ssh,
+) -> None:
     """List the catalogued snapshots, oldest first."""
     from lifecycle.cli import _emit, _fail
 
     g = ctx.obj
+    found = snapshots.OnNodes()
     try:
         with g.store() as store:
             rows = store.snapshots()
+            if on_nodes:
+                config = running_config(store, g.config).config
+                with _backend(g, store, config, backend) as be:
+                    found = snapshots.recurring_on_nodes(be, config, desired_for(config, store))
     except RkelError as exc:
         raise _fail(g, exc) from None
     data = [snapshots.describe(r) for r in rows]
-    lines = [(f"{'NAME':<32} {'CREATED':<20} {'KIND':<7} {'SIZE':>10} {'SHA256':<12} "
+    known = {r.name for r in rows}
+    loose: list[dict[str, Any]] = [{"name": n, "created": str(snapshots.taken_at(n)), "kind": "recurring",
+              "catalogued": False, "nodes": list(sizes), "size": max(sizes.values())}
+             for n, sizes in found.files.items() if n not in known]
+    lines = [(f"{'NAME':<32} {'CREATED':<20} {'KIND':<9} {'SIZE':>10} {'SHA256':<12} "
               f"{'STATUS':<8} {'VERSION':<22} WHERE")]
     for d in data:
         where = ", ".join(d["nodes"]) + (" + local" if d["local"] else "")
-        lines.append(f"{d['name']:<32} {d['created'][:19].replace('T', ' '):<20} {d['kind']:<7}"
+        lines.append(f"{d['name']:<32} {d['created'][:19].replace('T', ' '):<20} {d['kind']:<9}"
                      f" {_human(d['size']):>10} {d['sha256'][:12]:<12} {d['status']:<8}"
-                     f" {d['kubernetes_version']:<22} {where}")
-    _emit(g, "\n".join(lines) if data else "No snapshots yet; take one with `rkel snapshot save`.",
-          data)
+                     f" {d['kubernetes_version'] or '-':<22} {where}")
+    for d in loose:
+        lines.append(f"{d['name']:<32} {d['created'][:19]:<20} {'recurring':<9}"
+                     f" {_human(d['size']):>10} {'-':<12} {'on node':<8} {'-':<22}"
+                     f" {', '.join(d['nodes'])}")
+    if loose:
+        lines.append("(\"on node\": not catalogued yet; `rkel snapshot restore NAME` or `rkel"
+                     " snapshot catalogue NAME` fetches and catalogues one)")
+    for node, why in sorted(found.unreachable.items()):
+        typer.echo(f"warning: could not list the snapshots on {node}: {why}", err=True)
+    _emit(g, "\n".join(lines) if data or loose else
+          "No snapshots yet; take one with `rkel snapshot save`.",
+          data + loose if on_nodes else data)
+
+
+@snapshot_app.command("catalogue")
+def catalogue(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(
+        help="A recurring snapshot on the etcd nodes, e.g. 2026-01-02T03:04:05Z_etcd.")],
+    folder: Annotated[Path | None, typer.Option(
+        help="Local folder for the copy (default: <config stem>.snapshots/ beside cluster.yml).")
+    ] = None,
+    backend: BACKEND = SnapshotBackend.ssh,
+) -> None:
+    """Fetch a recurring snapshot (etcd-rolling-snapshots) and catalogue it: test-read by etcd,
+    checksummed, a copy kept here. `rkel snapshot restore` can then use it."""
+    from lifecycle.cli import _emit, _fail
+
+    g = ctx.obj
+    command = " ".join(["rkel", *sys.argv[1:]])
+    try:
+        with g.store() as store, snapshots.locked(store, command):
+            row = catalogue_in(g, store, name, folder, backend)
+    except RkelError as exc:
+        raise _fail(g, exc) from None
+    info = snapshots.describe(row)
+    _emit(g, f"Catalogued recurring snapshot {row.name} ({_human(row.size)}, sha256"
+             f" {row.sha256[:12]}) from {row.location.get('taken_on')}\n  local: {info['local']}",
+          info)
+
+
+def catalogue_in(g: Any, store: Any, name: str, folder: Path | None,
+                 backend: SnapshotBackend) -> Any:
+    """`catalogue_recurring` with the cluster.yml the cluster runs (the caller holds the lock)."""
+    config = running_config(store, g.config).config
+    with _backend(g, store, config, backend) as be:
+        return snapshots.catalogue_recurring(
+            store, be, config, desired_for(config, store), name,
+            folder=folder or snapshots.default_folder(g.config))
 
 
 @snapshot_app.command("verify")

@@ -144,6 +144,11 @@ class Host(Protocol):
         """Stream a file of the node into `out`; the number of bytes written."""
         ...
 
+    def list_files(self, directory: str) -> dict[str, int]:
+        """The regular files directly in `directory` on the node, name -> size in bytes
+        (empty when there is no such directory)."""
+        ...
+
     def put_file(self, path: str, src: BinaryIO, size: int) -> None:
         """Write `size` bytes streamed from `src` to `path` on the node, root-owned, mode 0600."""
         ...

@@ -549,6 +549,25 @@ class SSHHost:
         raise HostError(self.name, f"computing the sha256 of {clean} failed"
                         f" ({' '.join(words)[:200] or f'exit status {code}'})")
 
+    def list_files(self, directory: str) -> dict[str, int]:
+        """The regular files in `directory` with their sizes, listed on the node (a helper
+        container with the directory's parent bound read-only: a missing directory is empty)."""
+        clean = _absolute(self.name, directory).rstrip("/") or "/"
+        script = ('cd "$1" 2>/dev/null || exit 0; for f in * .[!.]*; do'
+                  ' if [ -f "$f" ] && [ ! -L "$f" ]; then printf "%s/%s\\n" "$(stat -c %s "$f")"'
+                  ' "$f"; fi; done')
+        inside = f"/rkel/0/{posixpath.basename(clean)}"
+        code, out = self.run_once(self.helper_image, ["sh", "-c", script, "ls", inside],
+                                  binds=[f"{posixpath.dirname(clean)}:/rkel/0:ro"])
+        if code != 0:
+            raise HostError(self.name, f"listing {clean} failed ({out.strip()[:200]})")
+        files: dict[str, int] = {}
+        for line in out.splitlines():
+            size, _, name = line.partition("/")
+            if size.isdigit() and name:
+                files[name] = int(size)
+        return files
+
     def fetch_file(self, path: str, out: BinaryIO) -> int:
         """Stream one node file into `out` (Docker `get_archive`, never whole in memory)."""
         clean = _absolute(self.name, path)

@@ -451,6 +451,13 @@ class SimWorld:
         out.write(data)
         return len(data)
 
+    def list_files(self, host: str, directory: str) -> dict[str, int]:
+        h = self._op(host, self.latency.inspect)
+        prefix = directory.rstrip("/") + "/"
+        with self._lock:
+            return {p[len(prefix):]: len(base64.b64decode(b)) for p, b in sorted(h.blobs.items())
+                    if p.startswith(prefix) and "/" not in p[len(prefix):]}
+
     def put_file(self, host: str, path: str, src: BinaryIO, size: int) -> None:
         data = src.read(size)
         self.write_blob(host, path, data, self.latency.put_files)
@@ -984,6 +991,9 @@ class SimHostHandle:
 
     def put_file(self, path: str, src: BinaryIO, size: int) -> None:
         self.world.put_file(self.name, path, src, size)
+
+    def list_files(self, directory: str) -> dict[str, int]:
+        return self.world.list_files(self.name, directory)
 
     def exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
         """Simulated containers run nothing: succeed (empty output) if the container runs."""
