@@ -423,14 +423,16 @@ def taken_at(name: str) -> datetime | None:
 
 
 def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, desired: Desired,
-                        name: str, *, folder: Path) -> SnapshotRow:
+                        name: str, *, folder: Path, source: str | None = None,
+                        notice: Callable[[str], None] = lambda text: None) -> SnapshotRow:
     """Catalogue a file of the etcd-rolling-snapshots container so it can be restored: found
     on the etcd nodes, test-read by etcd there, fetched here and checksummed.
 
     It carries no component versions and no cluster.yml (nobody recorded them when the
     container took it), so `rkel snapshot restore` can use it and `rkel rollback` cannot.
-    Refused when two nodes hold different files of that name: a restore would overwrite one.
-    The caller holds the run lock.
+    Each etcd node takes its own, so two nodes may hold different files of one name: then
+    `source` must say whose to use, and the others' are renamed `<name>.<node>` (kept, never
+    overwritten by a restore). The caller holds the run lock.
     """
     when = taken_at(name)
     if when is None:
@@ -449,23 +451,32 @@ def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, d
     remote = f"{remote_dir(config)}/{name}"
     members = dict(_etcd_members(desired))
     by_name = {n.name: n for n in members}
+    if source is not None and source not in holders:
+        raise SnapshotError(f"{source} holds no {remote} (it is on {', '.join(holders)})")
     digests = {n: backend.host(_ref(by_name[n])).file_sha256(remote) for n in holders}
-    if len(set(digests.values())) > 1:
+    chosen = by_name[source or holders[0]]
+    if len(set(digests.values())) > 1 and source is None:
         listed = ", ".join(f"{n} sha256 {d and d[:12]}" for n, d in digests.items())
-        raise SnapshotError(f"the etcd nodes hold different files named {name} ({listed}); a"
-                            " restore would replace all but one. Move the ones you do not want"
-                            " out of the snapshot folder on their node, then try again")
-    source = by_name[holders[0]]
-    host = backend.host(_ref(source))
-    status, why = _read_back(host, members[source], config, f"{SNAPSHOT_DIR}/{name}")
-    if status is None:
-        raise SnapshotError(f"{source.name}: {remote} does not read as an etcd snapshot"
-                            f" (etcdctl snapshot status: {why}); pick another one")
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)
+        raise SnapshotError(f"the etcd nodes hold different files named {name} ({listed}):"
+                            " each node takes its own. Choose whose to use with `rkel snapshot"
+                            f" catalogue {name} --from NODE`; the others are kept, renamed"
+                            f" {name}.<node>")
     local, part = folder / name, folder / f".{name}.part"
     if local.exists():
         raise SnapshotError(f"{local} already exists but is not catalogued; move it away first")
+    host = backend.host(_ref(chosen))
+    status, why = _read_back(host, members[chosen], config, f"{SNAPSHOT_DIR}/{name}")
+    if status is None:
+        raise SnapshotError(f"{chosen.name}: {remote} does not read as an etcd snapshot"
+                            f" (etcdctl snapshot status: {why}); pick another one")
+    for node, digest in digests.items():
+        if digest != digests[chosen.name]:  # its own, different file: kept under another name
+            backend.host(_ref(by_name[node])).move_paths(
+                remote_dir(config), [(name, f"{name}.{node}")], replace=False)
+            notice(f"{node}'s own {name} is kept as {remote}.{node}")
+    holders = [n for n in holders if digests[n] == digests[chosen.name]]
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
     try:
         fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -473,12 +484,12 @@ def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, d
             out.flush()
             os.fsync(out.fileno())
         digest, size = sha256_file(part)
-        if digest != digests[source.name]:
-            raise SnapshotError(f"the copy fetched from {source.name} does not match it (sha256"
-                                f" {digest} here, {digests[source.name]} on the node); try again")
+        if digest != digests[chosen.name]:
+            raise SnapshotError(f"the copy fetched from {chosen.name} does not match it (sha256"
+                                f" {digest} here, {digests[chosen.name]} on the node); try again")
         os.replace(part, local)
         location = {
-            "path": remote, "nodes": holders, "taken_on": source.name,
+            "path": remote, "nodes": holders, "taken_on": chosen.name,
             "local": str(local.resolve()), "state_copy": "", "recurring": True,
             "etcd": {"revision": status.get("revision"), "total_keys": status.get("totalKey"),
                      "total_size": status.get("totalSize")},

@@ -349,10 +349,12 @@ def place_recurring(world: SimWorld, node: str, name: str = RECURRING, source: s
     return data
 
 
-def catalogue(sim: SimCluster, folder: Path, name: str = RECURRING) -> SnapshotRow:
+def catalogue(sim: SimCluster, folder: Path, name: str = RECURRING,
+              source: str | None = None) -> SnapshotRow:
     config = config_of()
     return snapshots.catalogue_recurring(sim.store, sim.world.backend(), config,
-                                         compile_desired(config), name, folder=folder)
+                                         compile_desired(config), name, folder=folder,
+                                         source=source)
 
 
 def test_recurring_files_on_the_nodes_are_found(sim: SimCluster, tmp_path: Path) -> None:
@@ -394,17 +396,36 @@ def test_cataloguing_refuses_what_it_cannot_trust(sim: SimCluster, tmp_path: Pat
         catalogue(sim, folder, "base")
     with pytest.raises(SnapshotError, match="no etcd node holds"):
         catalogue(sim, folder)
-    # two nodes with different files of that name: a restore would overwrite one of them
-    place_recurring(sim.world, "n2")
-    place_recurring(sim.world, "n3", snapshot="later")
-    with pytest.raises(SnapshotError, match="different files named"):
-        catalogue(sim, folder)
     # a file etcd cannot read
-    sim.world.write_blob("n3", f"{REMOTE}/{RECURRING}", b"garbage")
     sim.world.write_blob("n2", f"{REMOTE}/{RECURRING}", b"garbage")
     with pytest.raises(SnapshotError, match="does not read as an etcd snapshot"):
         catalogue(sim, folder)
     assert sim.store.snapshot(RECURRING) is None and not (folder / RECURRING).exists()
+
+
+def test_nodes_with_different_files_of_one_name_need_a_choice(sim: SimCluster,
+                                                              tmp_path: Path) -> None:
+    # each node takes its own: in the same second, two nodes name different files alike
+    folder = tmp_path / "s"
+    save(sim, folder, "base")
+    save(sim, folder, "later")
+    mine = place_recurring(sim.world, "n2")
+    theirs = place_recurring(sim.world, "n3", snapshot="later")
+    with pytest.raises(SnapshotError, match="--from NODE"):
+        catalogue(sim, folder)
+    with pytest.raises(SnapshotError, match="n1 holds no"):
+        catalogue(sim, folder, source="n1")
+    assert sim.world.read_blob("n3", f"{REMOTE}/{RECURRING}") == theirs  # nothing touched
+    said: list[str] = []
+    config = config_of()
+    row = snapshots.catalogue_recurring(sim.store, sim.world.backend(), config,
+                                        compile_desired(config), RECURRING, folder=folder,
+                                        source="n2", notice=said.append)
+    assert row.location["nodes"] == ["n2"] and (folder / RECURRING).read_bytes() == mine
+    # n3's own is kept under another name, so the restore's upload cannot overwrite it
+    assert sim.world.read_blob("n3", f"{REMOTE}/{RECURRING}.n3") == theirs
+    assert sim.world.read_blob("n3", f"{REMOTE}/{RECURRING}") is None
+    assert said == [f"n3's own {RECURRING} is kept as {REMOTE}/{RECURRING}.n3"]
 
 
 def test_a_save_may_not_take_a_recurring_name(sim: SimCluster, tmp_path: Path) -> None:

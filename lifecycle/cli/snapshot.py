@@ -153,6 +153,9 @@ def catalogue(
     folder: Annotated[Path | None, typer.Option(
         help="Local folder for the copy (default: <config stem>.snapshots/ beside cluster.yml).")
     ] = None,
+    source: Annotated[str | None, typer.Option(
+        "--from", help="The etcd node whose file to use, when nodes hold different files of"
+        " that name (the others are kept as NAME.<node>).")] = None,
     backend: BACKEND = SnapshotBackend.ssh,
 ) -> None:
     """Fetch a recurring snapshot (etcd-rolling-snapshots) and catalogue it: test-read by etcd,
@@ -163,7 +166,7 @@ def catalogue(
     command = " ".join(["rkel", *sys.argv[1:]])
     try:
         with g.store() as store, snapshots.locked(store, command):
-            row = catalogue_in(g, store, name, folder, backend)
+            row = catalogue_in(g, store, name, folder, backend, source)
     except RkelError as exc:
         raise _fail(g, exc) from None
     info = snapshots.describe(row)
@@ -173,13 +176,14 @@ def catalogue(
 
 
 def catalogue_in(g: Any, store: Any, name: str, folder: Path | None,
-                 backend: SnapshotBackend) -> Any:
+                 backend: SnapshotBackend, source: str | None = None) -> Any:
     """`catalogue_recurring` with the cluster.yml the cluster runs (the caller holds the lock)."""
     config = running_config(store, g.config).config
     with _backend(g, store, config, backend) as be:
         return snapshots.catalogue_recurring(
             store, be, config, desired_for(config, store), name,
-            folder=folder or snapshots.default_folder(g.config))
+            folder=folder or snapshots.default_folder(g.config), source=source,
+            notice=lambda text: typer.echo(f"notice: {text}", err=True))
 
 
 @snapshot_app.command("verify")
