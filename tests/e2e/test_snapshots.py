@@ -8,7 +8,9 @@ node makes verify fail naming that node; prune removes the older one everywhere 
 newest. Besides, the story's cluster.yml asks for RKE's recurring snapshots (backup_config,
 retention 2; the rke-etcd-backup stand-in's interval set to 2 s): each etcd node's
 etcd-rolling-snapshots container keeps its newest two `<time>_etcd` files there, readable by
-etcdctl; switching them off removes the container and leaves the files.
+etcdctl; switching them off removes the container and leaves the files, and one of those files
+is found with `snapshot list --on-nodes`, catalogued and restored by name (a key written after it
+is gone, the keys before it are back).
 """
 
 from __future__ import annotations
@@ -204,3 +206,32 @@ def test_recurring_snapshots_switched_off_remove_the_container_not_the_files(sto
         names = story.ssh(host, "docker ps -a --format '{{.Names}}'").split()
         assert "etcd-rolling-snapshots" not in names and "etcd" in names, (host, names)
         assert rolling(story, host), host  # rkel never deletes the backups themselves
+
+
+def test_a_recurring_snapshot_is_restored_by_name(story: Story) -> None:
+    # the files the (now switched off) container left: found on the nodes, not yet catalogued
+    listed = snap(story, "-o", "json", "snapshot", "list", "--on-nodes")
+    assert listed.returncode == 0, listed.stderr
+    on_nodes = {d["name"]: d["nodes"] for d in json.loads(listed.stdout)
+                if d.get("catalogued") is False}
+    for host in HOSTS:
+        assert {n for n, where in on_nodes.items() if host in where} == set(rolling(story, host))
+    name = rolling(story, "rkn1")[-1]
+    files = story.client_files(story.state, "kube-apiserver-etcd-client")
+    story.etcdctl(ADDRESSES["rkn1"], files, "put", "/e2e/after-recurring", "gone after restore")
+    kept = snap(story, "-o", "json", "snapshot", "catalogue", name, "--from", "rkn1")
+    assert kept.returncode == 0, kept.stderr
+    info = json.loads(kept.stdout)
+    assert info["kind"] == "recurring" and sha(Path(info["local"])) == info["sha256"]
+    assert info["sha256"] == sha(node_copy(story, "rkn1", name))
+    restored = snap(story, "snapshot", "restore", name, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    for host in HOSTS:  # the same file on every etcd node now
+        assert sha(node_copy(story, host, name)) == info["sha256"], host
+    for host in HOSTS:
+        gone = story.etcdctl(ADDRESSES[host], files, "get", "/e2e/after-recurring",
+                             "--print-value-only")
+        assert gone.stdout.strip() == "", host  # written after the snapshot
+        before = story.etcdctl(ADDRESSES[host], files, "get", "/e2e/snap/7", "--print-value-only")
+        assert before.stdout.strip() == "value-7", host  # written before it
+    assert sorted(story.members()) == [f"etcd-{h}" for h in HOSTS]
