@@ -279,6 +279,23 @@ def _read_back(host: Host, spec: ServiceSpec, config: ClusterConfig,
     return None, _output_tail(out)
 
 
+def _fetch(host: Host, remote: str, part: Path, local: Path,
+           on_node: str | None) -> tuple[str, int]:
+    """Stream `remote` into `part` (0600, fsynced), check it against `on_node` (the sha256
+    computed on the node), then move it to `local`: (sha256, size)."""
+    fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        host.fetch_file(remote, out)
+        out.flush()
+        os.fsync(out.fileno())
+    digest, size = sha256_file(part)
+    if on_node != digest:
+        raise SnapshotError(f"the copy fetched from {host.name} does not match it (sha256"
+                            f" {digest} here, {on_node or 'missing'} on the node); try again")
+    os.replace(part, local)
+    return digest, size
+
+
 def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired: Desired,
                   name: str | None = None, *, kind: str = "manual", folder: Path,
                   run_id: int | None = None,
@@ -314,17 +331,7 @@ def save_snapshot(store: Store, backend: Backend, config: ClusterConfig, desired
         host = backend.host(_ref(source))
         etcd_status = _take(host, spec, config, remote)
         copy_state(store, state_copy)
-        fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            host.fetch_file(remote, out)
-            out.flush()
-            os.fsync(out.fileno())
-        digest, size = sha256_file(part)
-        on_node = host.file_sha256(remote)
-        if on_node != digest:
-            raise SnapshotError(f"the copy fetched from {source.name} does not match it (sha256"
-                                f" {digest} here, {on_node or 'missing'} on the node); try again")
-        os.replace(part, local)
+        digest, size = _fetch(host, remote, part, local, host.file_sha256(remote))
         touched += others
 
         def spread(ref: NodeRef) -> None:
@@ -478,16 +485,7 @@ def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, d
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
     try:
-        fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            host.fetch_file(remote, out)
-            out.flush()
-            os.fsync(out.fileno())
-        digest, size = sha256_file(part)
-        if digest != digests[chosen.name]:
-            raise SnapshotError(f"the copy fetched from {chosen.name} does not match it (sha256"
-                                f" {digest} here, {digests[chosen.name]} on the node); try again")
-        os.replace(part, local)
+        digest, size = _fetch(host, remote, part, local, digests[chosen.name])
         location = {
             "path": remote, "nodes": holders, "taken_on": chosen.name,
             "local": str(local.resolve()), "state_copy": "", "recurring": True,
