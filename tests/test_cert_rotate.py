@@ -398,6 +398,11 @@ def test_the_command_rotates_a_simulated_cluster_and_status_shows_expiry(tmp_pat
     killed = _rkel(tmp_path, "cert", "rotate", "--yes", "--backend", "simulated",
                    env={"RKEL_CRASH_AFTER_JOURNAL_WRITES": "3"})
     assert killed.returncode == -9
+    # it restarts etcd and the control plane: an automatic snapshot came first
+    assert "taking an automatic etcd snapshot first (it changes etcd" in killed.stderr
+    autos = [d for d in json.loads(_rkel(tmp_path, "-o", "json", "snapshot", "list").stdout)
+             if d["kind"] == "auto"]
+    assert len(autos) == 1 and autos[0]["kubernetes_version"]
     refused = _rkel(tmp_path, "cert", "rotate", "--yes", "--backend", "simulated")
     assert refused.returncode == 4 and "--resume" in refused.stderr
     done = _rkel(tmp_path, "cert", "rotate", "--resume", "--backend", "simulated")
@@ -419,3 +424,13 @@ def test_the_command_rotates_a_simulated_cluster_and_status_shows_expiry(tmp_pat
     assert b"PRIVATE KEY" not in state
     for out in (done.stdout, done.stderr, plan.stdout, status.stdout, text):
         assert "PRIVATE KEY" not in out
+
+
+def test_cert_rotate_no_snapshot_warns_and_takes_none(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(CONFIG)
+    assert _rkel(tmp_path, "apply", "--backend", "simulated", "--yes").returncode == 0
+    done = _rkel(tmp_path, "cert", "rotate", "--service", "kube-apiserver", "--yes",
+                 "--no-snapshot", "--backend", "simulated")
+    assert done.returncode == 0, done.stderr
+    assert "warning: --no-snapshot: it changes kube-apiserver" in done.stderr
+    assert json.loads(_rkel(tmp_path, "-o", "json", "snapshot", "list").stdout) == []

@@ -367,6 +367,10 @@ def test_cli_keys_never_appear_in_clear_and_a_killed_rotation_resumes(tmp_path: 
     killed = rkel("encrypt", "rotate-key", "--yes", *sim, cwd=tmp_path,
                   env={"RKEL_CRASH_AFTER_JOURNAL_WRITES": "9"})
     assert killed.returncode == -9, killed.stderr
+    # the Secrets as stored before the rotation are in an automatic snapshot
+    assert "taking an automatic etcd snapshot first (it changes kube-apiserver)" in killed.stderr
+    assert [d["kind"] for d in json.loads(rkel("-o", "json", "snapshot", "list",
+                                               cwd=tmp_path).stdout)] == ["auto"]
     refused = rkel("encrypt", "rotate-key", "--yes", *sim, cwd=tmp_path)
     assert refused.returncode == 4 and "rkel apply --resume" in refused.stderr
     resumed = rkel("apply", "--resume", "--yes", *sim, cwd=tmp_path)

@@ -26,7 +26,7 @@ from lifecycle.cli.config_cmd import config as config_generate
 from lifecycle.cli.doctor import doctor as doctor_command
 from lifecycle.cli.import_cmd import import_command
 from lifecycle.cli.kubeconfig_cmd import kubeconfig as kubeconfig_command
-from lifecycle.cli.snapshot import snapshot_app
+from lifecycle.cli.snapshot import SNAPSHOT_OPTION, snapshot_app
 from lifecycle.config import load_config
 from lifecycle.budget import check_budget
 from lifecycle.budget import windows as budget_windows
@@ -297,11 +297,7 @@ def apply(
     node_ready_timeout: Annotated[
         float, typer.Option(min=5, help="Seconds to wait for a node to be Ready after its kubelet starts.")
     ] = READY_TIMEOUT,
-    snapshot: Annotated[
-        bool, typer.Option(help="Take an etcd snapshot first when the run changes etcd, the "
-                                "control plane or versions (the rollback target); "
-                                "--no-snapshot skips it, and rollback to before this run.")
-    ] = True,
+    snapshot: SNAPSHOT_OPTION = True,
     skip_doctor: Annotated[
         bool, typer.Option("--skip-doctor", help="Do not run `rkel doctor`'s checks (SSH, Docker "
                            "version, ports, clock, disk) on the nodes before the run.")
@@ -332,10 +328,7 @@ def apply(
             desired = planned.desired if planned is not None and planfile is None else None
             config = planned.loaded.config if planned else None
             confirm = None if yes or the_plan is None else (lambda: _confirm(g, the_plan))
-            reason = runner.snapshot_reason(the_plan, store) if the_plan is not None else None
-            if reason and not snapshot:
-                typer.echo(f"warning: --no-snapshot: {reason}, and no snapshot is taken first;"
-                           " `rkel rollback` cannot return to the cluster as it is now", err=True)
+            first = snapshot_before(g, store, the_plan, snapshot) if the_plan is not None else None
             if skip_doctor and not resume:
                 typer.echo("warning: --skip-doctor: the nodes are not checked before the run", err=True)
             applies = None
@@ -346,7 +339,7 @@ def apply(
                            workers=workers, trust_new_hosts=trust_new_hosts, command=command,
                            node_ready_timeout=node_ready_timeout, confirm=confirm,
                            strategy=planned.desired.strategy if planned else None,
-                           prepare=snapshot_first(g, store, reason) if reason and snapshot else None,
+                           prepare=first,
                            applies=applies, run_doctor=not skip_doctor)
             if ran.session is not None and desired is not None and (not only or "controlplane" in only):
                 ran.kubeconfig = runner.write_kubeconfig(ran.session.pki, desired, g.config)
@@ -450,6 +443,16 @@ def preflight_doctor(g: Globals, be: Any, config: Any, skip: dict[str, str],
     raise PlanError("the checks before the run failed, so nothing was changed:\n"
                     + checks.report_text(report)
                     + "\nFix what is listed, or run with --skip-doctor to go ahead anyway.")
+
+
+def snapshot_before(g: Globals, store: Any, plan: Plan, snapshot: bool) -> Any:
+    """The automatic snapshot a run of `plan` takes first (None: it needs none, or the user
+    said --no-snapshot, which is warned about)."""
+    reason = runner.snapshot_reason(plan, store)
+    if reason and not snapshot:
+        typer.echo(f"warning: --no-snapshot: {reason}, and no snapshot is taken first;"
+                   " `rkel rollback` cannot return to the cluster as it is now", err=True)
+    return snapshot_first(g, store, reason) if reason and snapshot else None
 
 
 def snapshot_first(g: Globals, store: Any, reason: str, required: bool = True) -> Any:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lifecycle import rotate, runner
-from lifecycle.cli.snapshot import BACKEND, SnapshotBackend
+from lifecycle.cli.snapshot import BACKEND, SNAPSHOT_OPTION, SnapshotBackend
 from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import RkelError
 from lifecycle.executor import DEFAULT_WORKERS
@@ -38,14 +38,16 @@ def cert_rotate(
     node_ready_timeout: Annotated[float, typer.Option(
         min=5, help="Seconds to wait for a node to be Ready after its kubelet starts.")
     ] = READY_TIMEOUT,
+    snapshot: SNAPSHOT_OPTION = True,
 ) -> None:
     """Issue certificates again and restart what reads them, one failure domain at a time.
 
     Plans first and shows the plan (`--yes` skips the question). The new certificates are
     stored in the run's first step; the services that read them then restart through the
-    rolling, health-gated path of an upgrade. Killed anywhere, `rkel cert rotate --resume` (or
+    rolling, health-gated path of an upgrade, after an automatic etcd snapshot (the target
+    of `rkel rollback`). Killed anywhere, `rkel cert rotate --resume` (or
     `rkel apply --resume`) finishes the run without issuing anything twice."""
-    from lifecycle.cli import BackendKind, _confirm, _emit_run, _execute, _fail
+    from lifecycle.cli import BackendKind, _confirm, _emit_run, _execute, _fail, snapshot_before
 
     g = ctx.obj
     command = " ".join(["rkel", *sys.argv[1:]])
@@ -74,7 +76,8 @@ def cert_rotate(
                            resume=False, workers=workers, trust_new_hosts=True,
                            command=command, kind="cert-rotate",
                            node_ready_timeout=node_ready_timeout,
-                           strategy=planned.desired.strategy)
+                           strategy=planned.desired.strategy,
+                           prepare=snapshot_before(g, store, rotation.plan, snapshot))
             if kubeconfig is not None:
                 ran.kubeconfig = admin_kubeconfig_path(g.config)
     except RkelError as exc:

@@ -9,7 +9,7 @@ import typer
 
 from lifecycle import encryption_run, runner
 from lifecycle.cli import render
-from lifecycle.cli.snapshot import BACKEND, SnapshotBackend
+from lifecycle.cli.snapshot import BACKEND, SNAPSHOT_OPTION, SnapshotBackend
 from lifecycle.effects import READY_TIMEOUT
 from lifecycle.errors import RkelError
 
@@ -37,14 +37,16 @@ def rotate_key(
     plan_only: DRY = False,
     backend: BACKEND = SnapshotBackend.ssh,
     node_ready_timeout: TIMEOUT = READY_TIMEOUT,
+    snapshot: SNAPSHOT_OPTION = True,
 ) -> None:
     """Replace the key Secrets are encrypted with, as RKE's `rke encrypt rotate-key`.
 
     Three journaled stages: the new key goes first in encryption.yaml (the old one kept) and
     the apiservers restart one by one; every Secret is rewritten so it is stored with the new
-    key; the old key is dropped and the apiservers restart again. Killed anywhere,
+    key; the old key is dropped and the apiservers restart again. An automatic etcd snapshot
+    is taken first (`rkel rollback` returns to it). Killed anywhere,
     `rkel apply --resume` finishes it."""
-    from lifecycle.cli import BackendKind, _emit, _emit_run, _execute, _fail
+    from lifecycle.cli import BackendKind, _emit, _emit_run, _execute, _fail, snapshot_before
 
     g = ctx.obj
     command = " ".join(["rkel", *sys.argv[1:]])
@@ -70,8 +72,11 @@ def rotate_key(
                 if not typer.confirm("Rotate the secrets encryption key?"):
                     raise typer.Exit(1)
             config = runner.running_config(store, g.config).config
+            first = snapshot_before(g, store, rot.plan, snapshot)
 
             def prepare(be: Any) -> None:
+                if first is not None:  # of the Secrets as they are stored now
+                    first(be)
                 made = encryption_run.install_rotation_key(store, rot)
                 if made:
                     typer.echo(f"notice: generated secrets encryption key {rot.new_key} (kept "

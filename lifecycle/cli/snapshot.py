@@ -35,6 +35,12 @@ BACKEND = Annotated[
     SnapshotBackend, typer.Option(help="ssh (real hosts) or simulated (a simulated cluster).")
 ]
 
+SNAPSHOT_OPTION = Annotated[
+    bool, typer.Option(help="Take an etcd snapshot first when the run changes etcd, the "
+                            "control plane or versions (the rollback target); "
+                            "--no-snapshot skips it, and rollback to before this run.")
+]
+
 
 @contextmanager
 def _backend(g: Any, store: Any, config: Any, kind: SnapshotBackend) -> Iterator[Any]:
