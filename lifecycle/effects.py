@@ -239,6 +239,22 @@ def etcd_clear_unstarted(etcd: EtcdAPI, host: Host, node: str, data_dir: str) ->
         host.remove_paths([data_dir])
 
 
+def refuse_foreign_etcd_data(host: Host, node: str, data_dir: str) -> None:
+    """Before the first member of a new cluster starts: its data dir must hold no etcd data.
+    Data there was not written by this state (it records no member yet, and the node has no
+    etcd container of a run killed mid-start); etcd would start as that other cluster and
+    never be healthy here, and rkel does not delete what it did not write."""
+    if "etcd" in host.containers() or f"{OLD_PREFIX}etcd" in host.containers():
+        return
+    if "db" in host.list_files(f"{data_dir.rstrip('/')}/member/snap"):
+        raise HostError(node, f"{data_dir} already holds etcd data (member/snap/db) that this"
+                        " state did not write: another cluster's, or this one's with its state"
+                        " lost. rkel does not start a new cluster over it. If it is not needed,"
+                        f" move it away on the node (e.g. `sudo mv {data_dir} {data_dir}.old`);"
+                        " if it is this cluster's, bring its state back instead (`rkel state"
+                        " unpack` of a bundle, or a snapshot's .rkel.db copy)")
+
+
 def etcd_leave(etcd: EtcdAPI, node: str) -> None:
     """Remove the node's member if it is still one."""
     name = etcd_member_name(node)

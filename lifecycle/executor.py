@@ -417,6 +417,8 @@ class Executor:
                 etcd = self.backend.etcd() if self._etcd_exists(exclude=step.node) else None
                 if etcd is not None:
                     effects.etcd_clear_unstarted(etcd, host, step.node, etcd_data_dir(spec))
+                elif not self._etcd_exists(exclude=""):  # the first members of a new cluster
+                    effects.refuse_foreign_etcd_data(host, step.node, etcd_data_dir(spec))
                 token = f"rkel-etcd-{plan.cluster_name}"
                 extra = effects.etcd_bootstrap_args(etcd, step.node, ref.internal_address, token)
             if action == "start":

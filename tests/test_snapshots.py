@@ -508,3 +508,34 @@ def test_cli_lists_catalogues_and_restores_a_recurring_snapshot(tmp_path: Path) 
     assert "Traceback" not in missing.stderr
     rolled = rkel("rollback", "--to", RECURRING, "--yes", *sim, cwd=tmp_path)
     assert rolled.returncode != 0 and "snapshot restore" in rolled.stderr
+
+
+# ---------------------------------------------------------------------------- foreign etcd data
+def test_a_new_cluster_is_not_started_over_another_clusters_etcd_data(tmp_path: Path) -> None:
+    # data left on the first member's node by another cluster (or by this one, its state
+    # lost): etcd would start as that cluster and never be healthy; rkel says so at once and
+    # deletes nothing
+    cluster = SimCluster(tmp_path / "cluster.rkel.db")
+    cluster.world.write_blob("n1", "/var/lib/etcd/member/snap/db", b"another cluster")
+    outcome = cluster.apply(config_of())
+    assert "n1 (state" in outcome.failed, outcome.failed
+    assert "/var/lib/etcd already holds etcd data" in outcome.failed
+    assert "sudo mv /var/lib/etcd /var/lib/etcd.old" in outcome.failed
+    assert cluster.world.read_blob("n1", "/var/lib/etcd/member/snap/db") == b"another cluster"
+    assert not any("etcd" in cluster.world.containers(n) for n in ("n1", "n2", "n3"))
+    # moved away, the next apply builds the cluster
+    cluster.world.move_paths("n1", "/var/lib", [("etcd", "etcd.old")], replace=False)
+    again = cluster.apply(config_of())
+    assert not again.failed, again.failed
+    assert cluster.mismatches(config_of()) == []
+    assert cluster.world.read_blob("n1", "/var/lib/etcd.old/member/snap/db") == b"another cluster"
+
+
+def test_a_members_own_data_never_counts_as_foreign(sim: SimCluster) -> None:
+    # the cluster exists: etcd's container gone on a node (e.g. `docker rm -f etcd`) is started
+    # again over its own data
+    sim.world.write_blob("n1", "/var/lib/etcd/member/snap/db", b"this cluster")
+    sim.world.remove_container("n1", "etcd")
+    outcome = sim.apply(config_of())
+    assert not outcome.failed, outcome.failed
+    assert sim.world.read_blob("n1", "/var/lib/etcd/member/snap/db") == b"this cluster"

@@ -551,14 +551,14 @@ class SSHHost:
 
     def list_files(self, directory: str) -> dict[str, int]:
         """The regular files in `directory` with their sizes, listed on the node (a helper
-        container with the directory's parent bound read-only: a missing directory is empty)."""
+        container with the node's / bound read-only, so that nothing is created: a missing
+        directory is empty)."""
         clean = _absolute(self.name, directory).rstrip("/") or "/"
         script = ('cd "$1" 2>/dev/null || exit 0; for f in * .[!.]*; do'
                   ' if [ -f "$f" ] && [ ! -L "$f" ]; then printf "%s/%s\\n" "$(stat -c %s "$f")"'
                   ' "$f"; fi; done')
-        inside = f"/rkel/0/{posixpath.basename(clean)}"
-        code, out = self.run_once(self.helper_image, ["sh", "-c", script, "ls", inside],
-                                  binds=[f"{posixpath.dirname(clean)}:/rkel/0:ro"])
+        code, out = self.run_once(self.helper_image, ["sh", "-c", script, "ls", f"/rkel/0{clean}"],
+                                  binds=["/:/rkel/0:ro"])
         if code != 0:
             raise HostError(self.name, f"listing {clean} failed ({out.strip()[:200]})")
         files: dict[str, int] = {}
