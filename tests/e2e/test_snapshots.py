@@ -10,7 +10,8 @@ retention 2; the rke-etcd-backup stand-in's interval set to 2 s): each etcd node
 etcd-rolling-snapshots container keeps its newest two `<time>_etcd` files there, readable by
 etcdctl; switching them off removes the container and leaves the files, and one of those files
 is found with `snapshot list --on-nodes`, catalogued and restored by name (a key written after it
-is gone, the keys before it are back).
+is gone, the keys before it are back). Last, on the idle rkn4: a new cluster is not started over
+etcd data another cluster left there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -235,3 +237,36 @@ def test_a_recurring_snapshot_is_restored_by_name(story: Story) -> None:
         before = story.etcdctl(ADDRESSES[host], files, "get", "/e2e/snap/7", "--print-value-only")
         assert before.stdout.strip() == "value-7", host  # written before it
     assert sorted(story.members()) == [f"etcd-{h}" for h in HOSTS]
+
+
+def test_a_new_cluster_is_not_started_over_etcd_data_left_on_its_node(
+        testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # rkn4 (idle here) holds another cluster's etcd data: a new one-node cluster stops at once
+    # naming the path, and rkel deletes nothing
+    other = Story(tmp_path_factory.mktemp("foreign-etcd"), testbed)
+    other.write(["rkn4"])
+    data = testbed.state_dir / "n4" / "var-lib-etcd"
+    db = data / "member" / "snap" / "db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_bytes(b"another cluster's etcd data")
+    try:
+        started = time.monotonic()
+        refused = other.apply()
+        seconds = time.monotonic() - started
+        assert refused.returncode == 7, refused.stderr
+        assert "rkn4" in refused.stderr and "/var/lib/etcd already holds etcd data" in refused.stderr
+        assert db.read_bytes() == b"another cluster's etcd data"
+        names = other.ssh("rkn4", "docker ps -a --format '{{.Names}}'").split()
+        assert "etcd" not in names, names
+        print(f"refused over foreign etcd data in {seconds:.1f}s")
+        # moved away on the node, the same apply goes on
+        other.ssh("rkn4", "mv /var/lib/etcd/member /var/lib/etcd/member.old")
+        built = other.apply()
+        assert built.returncode == 0, built.stderr
+        running = other.ssh("rkn4", "docker inspect -f '{{.State.Running}}' etcd").strip()
+        assert running == "true"
+        assert (data / "member.old" / "snap" / "db").read_bytes() == b"another cluster's etcd data"
+    finally:
+        rkel(other.workdir, "remove", "--force")
+        for leftover in ("member", "member.old"):  # whatever the test left for later stories
+            shutil.rmtree(data / leftover, ignore_errors=True)
