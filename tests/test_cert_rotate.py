@@ -434,3 +434,16 @@ def test_cert_rotate_no_snapshot_warns_and_takes_none(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "warning: --no-snapshot: it changes kube-apiserver" in done.stderr
     assert json.loads(_rkel(tmp_path, "-o", "json", "snapshot", "list").stdout) == []
+
+
+def test_cert_rotate_plan_shows_the_rotation_and_changes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "cluster.yml").write_text(CONFIG)
+    assert _rkel(tmp_path, "apply", "--backend", "simulated", "--yes").returncode == 0
+    history = _rkel(tmp_path, "-o", "json", "history").stdout
+    shown = _rkel(tmp_path, "cert", "rotate", "--service", "etcd", "--plan")
+    assert shown.returncode == 0, shown.stderr
+    assert "etcd" in shown.stdout and "Before the run: an automatic etcd snapshot" in shown.stdout
+    data = json.loads(_rkel(tmp_path, "-o", "json", "cert", "rotate", "--plan").stdout)
+    assert data["plan"]["groups"] and "etcd" in data["snapshot_first"]
+    assert _rkel(tmp_path, "-o", "json", "history").stdout == history  # no run was made
+    assert json.loads(_rkel(tmp_path, "-o", "json", "snapshot", "list").stdout) == []

@@ -223,9 +223,7 @@ def plan(
                 text += "\n\nCertificates:\n" + rotate.expiry_text(expiry)
             reason = runner.snapshot_reason(planned.plan, store)
             data["snapshot_first"] = reason
-            if reason:
-                text += (f"\n\nBefore the run: an automatic etcd snapshot, because {reason}"
-                         " (`rkel rollback` returns to it; apply --no-snapshot skips it).")
+            text += render.snapshot_note(reason, "apply")
             if simulate and not planned.plan.empty:
                 rehearsal = runner.rehearse(store, planned.plan, SimulatedCerts())
                 text += "\n\n" + _rehearsal_text(rehearsal)

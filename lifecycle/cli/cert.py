@@ -39,6 +39,9 @@ def cert_rotate(
         min=5, help="Seconds to wait for a node to be Ready after its kubelet starts.")
     ] = READY_TIMEOUT,
     snapshot: SNAPSHOT_OPTION = True,
+    plan_only: Annotated[bool, typer.Option(
+        "--plan", help="Only show the rotation's plan (what restarts where, in which order).")
+    ] = False,
 ) -> None:
     """Issue certificates again and restart what reads them, one failure domain at a time.
 
@@ -47,7 +50,8 @@ def cert_rotate(
     rolling, health-gated path of an upgrade, after an automatic etcd snapshot (the target
     of `rkel rollback`). Killed anywhere, `rkel cert rotate --resume` (or
     `rkel apply --resume`) finishes the run without issuing anything twice."""
-    from lifecycle.cli import BackendKind, _confirm, _emit_run, _execute, _fail, snapshot_before
+    from lifecycle.cli import (BackendKind, _confirm, _emit, _emit_run, _execute, _fail, render,
+                               snapshot_before)
 
     g = ctx.obj
     command = " ".join(["rkel", *sys.argv[1:]])
@@ -70,6 +74,12 @@ def cert_rotate(
                               "cluster": planned.desired.cluster_name}
             rotation = rotate.plan_rotation(planned.loaded.config, store, planned.current,
                                             services, rotate_ca, kubeconfig)
+            if plan_only:
+                reason = runner.snapshot_reason(rotation.plan, store)
+                text = (render.plan_text(rotation.plan)
+                        + render.snapshot_note(reason, "cert rotate"))
+                _emit(g, text, {"plan": rotation.plan.to_dict(), "snapshot_first": reason})
+                return
             if not yes:
                 _confirm(g, rotation.plan, "Rotate these certificates?")
             ran = _execute(g, store, rotation.plan, planned.loaded.config, None, backend=kind,

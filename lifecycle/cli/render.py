@@ -207,3 +207,11 @@ def journal_text(run: RunRow, rows: list[JournalRow]) -> str:
         extra = f"  {r.detail.get('error')}" if r.phase == "failed" else ""
         out.append(f"{r.seq:>6} {r.at} {r.phase:<7} {r.step_id}{extra}")
     return "\n".join(out)
+
+
+def snapshot_note(reason: str | None, command: str) -> str:
+    """What a plan says of the automatic snapshot its run takes first ("" when none)."""
+    if not reason:
+        return ""
+    return (f"\n\nBefore the run: an automatic etcd snapshot, because {reason}"
+            f" (`rkel rollback` returns to it; {command} --no-snapshot skips it).")
