@@ -125,7 +125,7 @@ def list_(
                     found = snapshots.recurring_on_nodes(be, config, desired_for(config, store))
     except RkelError as exc:
         raise _fail(g, exc) from None
-    data = [snapshots.describe(r) for r in rows]
+    data = [{**snapshots.describe(r), "catalogued": True} for r in rows]
     known = {r.name for r in rows}
     loose: list[dict[str, Any]] = [{"name": n, "created": str(snapshots.taken_at(n)), "kind": "recurring",
               "catalogued": False, "nodes": list(sizes), "size": max(sizes.values())}
