@@ -240,19 +240,29 @@ def etcd_clear_unstarted(etcd: EtcdAPI, host: Host, node: str, data_dir: str) ->
 
 
 def refuse_foreign_etcd_data(host: Host, node: str, data_dir: str) -> None:
-    """Before the first member of a new cluster starts: its data dir must hold no etcd data.
-    Data there was not written by this state (it records no member yet, and the node has no
-    etcd container of a run killed mid-start); etcd would start as that other cluster and
-    never be healthy here, and rkel does not delete what it did not write."""
-    if "etcd" in host.containers() or f"{OLD_PREFIX}etcd" in host.containers():
+    """Before the first member of a new cluster starts: its data dir must hold no etcd data
+    unless rkel's own etcd container is there (a run killed or failed mid-start wrote it).
+    The state records no member yet, so the data is another cluster's (RKE's, say) or one
+    whose state was lost: etcd would start as that cluster and never be healthy here, and
+    rkel does not delete what it did not write."""
+    containers = host.containers()
+    mine = [c for c in (containers.get("etcd"), containers.get(f"{OLD_PREFIX}etcd"))
+            if c is not None and c.spec_hash]
+    if mine or "db" not in host.list_files(f"{data_dir.rstrip('/')}/member/snap"):
         return
-    if "db" in host.list_files(f"{data_dir.rstrip('/')}/member/snap"):
-        raise HostError(node, f"{data_dir} already holds etcd data (member/snap/db) that this"
-                        " state did not write: another cluster's, or this one's with its state"
-                        " lost. rkel does not start a new cluster over it. If it is not needed,"
-                        f" move it away on the node (e.g. `sudo mv {data_dir} {data_dir}.old`);"
-                        " if it is this cluster's, bring its state back instead (`rkel state"
-                        " unpack` of a bundle, or a snapshot's .rkel.db copy)")
+    foreign = "etcd" in containers  # a container of that name rkel did not make
+    raise HostError(node, f"{data_dir} already holds etcd data (member/snap/db) and no etcd"
+                    " member of this state ran there"
+                    + (", beside an etcd container rkel did not make" if foreign else "")
+                    + ": another cluster's, one whose state was lost, or an earlier failed"
+                    " start's whose container was removed. rkel does not start a new cluster"
+                    " over it. "
+                    + ("If it is an RKE cluster, adopt it instead (`rkel import --rke-state"
+                       " cluster.rkestate`, see Migrating from RKE). " if foreign else "")
+                    + f"If the data is not needed, move it away on the node (e.g. `sudo mv"
+                    f" {data_dir} {data_dir}.old`); if it is this cluster's, bring its state"
+                    " back instead (`rkel state unpack` of a bundle, or a snapshot's .rkel.db"
+                    " copy)")
 
 
 def etcd_leave(etcd: EtcdAPI, node: str) -> None:

@@ -157,6 +157,11 @@ def target(store: Store, name: str | None) -> SnapshotRow:
 def recorded_config(row: SnapshotRow, key: bytes) -> str:
     """The cluster.yml text the cluster ran when `row` was taken."""
     sealed = row.location.get("cluster_yml")
+    if not sealed and row.kind == "recurring":
+        raise SnapshotError(f"snapshot {row.name} is a recurring one (etcd-rolling-snapshots):"
+                            " it holds etcd data only, and nobody recorded the versions or the"
+                            f" cluster.yml with it; `rkel snapshot restore {row.name}` restores"
+                            " its data and keeps today's versions")
     if not sealed:
         raise SnapshotError(f"snapshot {row.name} carries no cluster.yml (it was taken before"
                             " rkel recorded the applied config); `rkel snapshot restore"
@@ -253,7 +258,8 @@ def restore_groups(store: Store, row: SnapshotRow, token: str | None = None,
         s for s in (*CONTROL_PLANE, "etcd") if (s == "etcd" and n in etcd) or
         (s != "etcd" and n in cps)]})) for n in sorted({*cps, *etcd}))
     restore = tuple(_unit(n, _step(n, "restore-member", {
-        "snapshot": row.name, "path": remote, "token": token, "member": f"etcd-{n}",
+        "snapshot": row.name, "path": remote, "sha256": row.sha256, "size": row.size,
+        "local": str(row.location.get("local", "")), "token": token, "member": f"etcd-{n}",
         "initial_cluster": members, "peer_url": f"https://{refs[n].internal_address}:2380",
         "image": spec.image, "binds": list(spec.binds)})) for n, spec in sorted(etcd.items()))
     start_etcd = tuple(_unit(n, _step(n, "restore-start", {"services": ["etcd"]}))
@@ -338,6 +344,10 @@ def run_step(executor: Executor, plan: Plan, step: Step) -> None:
             if name in have and have[name].running:
                 host.stop_container(name)
     elif step.action == "restore-member":
+        if "sha256" in detail:  # still there? (a resume may come long after the stage)
+            stage(host, str(detail["path"]), str(detail["sha256"]), int(detail["size"]),
+                  Path(str(detail["local"])), then="etcd is stopped; put a good copy there or"
+                  " at the local path, then `rkel apply --resume`")
         restore_member(host, detail)
     elif step.action == "restore-start":
         have = host.containers()
@@ -364,19 +374,21 @@ def _remove_helpers(host: Any) -> None:
             host.remove_container(name)
 
 
-def stage(host: Any, remote: str, digest: str, size: int, local: Path) -> None:
-    """The snapshot file with `digest` at `remote` on the node, uploaded where it is not."""
+def stage(host: Any, remote: str, digest: str, size: int, local: Path,
+          then: str = "nothing was stopped") -> None:
+    """The snapshot file with `digest` at `remote` on the node, uploaded where it is not.
+    `then`: what the errors add about the cluster's state."""
     if host.file_sha256(remote) == digest:
         return
     if not local.is_file() or sha256_file(local)[0] != digest:
         raise SnapshotError(f"{host.name}: {remote} is missing or differs, and the local copy"
-                            f" {local} does not match sha256 {digest} either; nothing was stopped")
+                            f" {local} does not match sha256 {digest} either; {then}")
     with local.open("rb") as src:
         host.put_file(remote, src, size)
     got = host.file_sha256(remote)
     if got != digest:
         raise SnapshotError(f"{host.name}: uploaded {remote} but it reads back as sha256"
-                            f" {got or '(missing)'}, expected {digest}; nothing was stopped")
+                            f" {got or '(missing)'}, expected {digest}; {then}")
 
 
 def restore_member(host: Any, detail: dict[str, Any]) -> None:

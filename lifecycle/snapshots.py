@@ -73,7 +73,7 @@ def unused_name(store: Store, folder: Path, stem: str) -> str:
 def check_name(name: str) -> str:
     """`name` if it is a safe snapshot file name: letters, digits, `.`, `_`, `-` (or the name
     of a recurring snapshot, which also holds `:`)."""
-    if RECURRING_NAME.fullmatch(name):
+    if taken_at(name) is not None:
         return name
     if not NAME_PATTERN.fullmatch(name) or name.endswith((".part", STATE_COPY_SUFFIX)):
         raise SnapshotError(
@@ -282,7 +282,9 @@ def _read_back(host: Host, spec: ServiceSpec, config: ClusterConfig,
 def _fetch(host: Host, remote: str, part: Path, local: Path,
            on_node: str | None) -> tuple[str, int]:
     """Stream `remote` into `part` (0600, fsynced), check it against `on_node` (the sha256
-    computed on the node), then move it to `local`: (sha256, size)."""
+    computed on the node), then move it to `local`: (sha256, size). A `part` left by a killed
+    run is discarded first (the caller holds the run lock)."""
+    part.unlink(missing_ok=True)
     fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as out:
         host.fetch_file(remote, out)
@@ -412,7 +414,7 @@ def recurring_on_nodes(backend: Backend, config: ClusterConfig, desired: Desired
 
     def scan(ref: NodeRef) -> None:
         for name, size in backend.host(ref).list_files(folder).items():
-            if RECURRING_NAME.fullmatch(name):
+            if taken_at(name) is not None:
                 found.files.setdefault(name, {})[ref.name] = size
 
     failures = _fan_out([_ref(n) for n, _ in _etcd_members(desired)], scan)
@@ -426,7 +428,10 @@ def taken_at(name: str) -> datetime | None:
     match = RECURRING_NAME.fullmatch(name)
     if match is None:
         return None
-    return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    try:
+        return datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:  # digits in the right places, but no such time (02-30, 24:00)
+        return None
 
 
 def catalogue_recurring(store: Store, backend: Backend, config: ClusterConfig, desired: Desired,

@@ -113,6 +113,36 @@ def test_rollback_killed_at_every_journal_write_resumes_to_the_same_end(tmp_path
         sim.close()
 
 
+def test_a_snapshot_copy_gone_after_the_stage_is_put_back_on_resume(tmp_path: Path) -> None:
+    # killed once etcd is stopped; meanwhile the copy on n2 goes (pruned, deleted by hand):
+    # the resume stages it again before restoring the member, instead of failing for good
+    base = tmp_path / "base"
+    base.mkdir()
+    probe = _fresh(base)
+    _rollback(probe, base)
+    rows = [r for r in probe.store.journal() if r.run_id == max(x.run_id for x in
+                                                                 probe.store.journal())]
+    stopped = next(i for i, r in enumerate(rows)
+                   if r.step_id.startswith("n3:restore-stop") and r.phase == "done")
+    where = tmp_path / "crash"
+    where.mkdir()
+    sim = _fresh(where)
+    start = sim.store._journal_writes
+    sim._crash_at = start + stopped + 1
+    rb = plan_rollback(where / "cluster.yml", sim.store, None)
+    with pytest.raises(Crash):
+        apply_plan(sim.store, sim.world.backend(), rb.plan, SimulatedCerts(), command="rollback",
+                   desired=rb.desired, kind="rollback", applies=rb.row.location["cluster_yml"])
+    sim.restart()
+    remote = rb.row.location["path"]
+    assert not sim.world.containers("n2")["etcd"].running  # etcd is stopped
+    sim.world.remove_paths("n2", [remote])
+    apply_plan(sim.store, sim.world.backend(), rb.plan, SimulatedCerts(),
+               command="apply --resume", resume=True)
+    assert sim.world.read_blob("n2", remote) == Path(rb.row.location["local"]).read_bytes()
+    assert sim.mismatches(load_config_text(OLD).config) == []
+
+
 def _fresh(where: Path) -> SimCluster:
     """1.30 applied, snapshot `before` (auto), then 1.31 applied."""
     sim = SimCluster(where / "cluster.rkel.db")

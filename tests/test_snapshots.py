@@ -22,7 +22,7 @@ from lifecycle.config import load_config_text
 from lifecycle.config.model import ClusterConfig
 from lifecycle.desired import compile_desired
 from lifecycle.errors import HostUnreachableError, StateError
-from lifecycle.hosts.simulated import SimWorld
+from lifecycle.hosts.simulated import SimWorld, foreign_container
 from lifecycle.snapshots import (
     Retention,
     SnapshotError,
@@ -135,6 +135,13 @@ def test_unnamed_snapshots_in_one_second_get_distinct_names(sim: SimCluster, tmp
 def test_bad_names_are_refused(bad: str) -> None:
     with pytest.raises(SnapshotError, match="invalid snapshot name"):
         check_name(bad)
+
+
+@pytest.mark.parametrize("name", ["2026-02-30T00:00:00Z_etcd", "2026-01-01T24:00:00Z_etcd"])
+def test_a_recurring_lookalike_with_no_such_time_is_refused_cleanly(name: str) -> None:
+    assert snapshots.taken_at(name) is None
+    with pytest.raises(SnapshotError, match="invalid snapshot name"):
+        check_name(name)
 
 
 @pytest.mark.parametrize("good", ["a", "rkel-20240101T000000Z", "pre_upgrade.v1.31", "A-1"])
@@ -382,7 +389,7 @@ def test_a_recurring_snapshot_is_catalogued_from_its_node(sim: SimCluster, tmp_p
     assert local.read_bytes() == data and (local.stat().st_mode & 0o777) == 0o600
     assert row.size == len(data) and row.versions == {}  # nobody recorded versions with it
     assert snapshots.describe(row)["kubernetes_version"] == ""
-    with pytest.raises(SnapshotError, match="no cluster.yml"):
+    with pytest.raises(SnapshotError, match="nobody recorded the versions or the cluster.yml"):
         restore.recorded_config(row, b"")
     with pytest.raises(SnapshotError, match="already catalogued"):
         catalogue(sim, tmp_path / "s")
@@ -507,7 +514,8 @@ def test_cli_lists_catalogues_and_restores_a_recurring_snapshot(tmp_path: Path) 
     assert missing.returncode == 3 and "no etcd node holds" in missing.stderr
     assert "Traceback" not in missing.stderr
     rolled = rkel("rollback", "--to", RECURRING, "--yes", *sim, cwd=tmp_path)
-    assert rolled.returncode != 0 and "snapshot restore" in rolled.stderr
+    assert rolled.returncode != 0 and "is a recurring one" in rolled.stderr
+    assert f"`rkel snapshot restore {RECURRING}`" in rolled.stderr
 
 
 # ---------------------------------------------------------------------------- foreign etcd data
@@ -529,6 +537,21 @@ def test_a_new_cluster_is_not_started_over_another_clusters_etcd_data(tmp_path: 
     assert not again.failed, again.failed
     assert cluster.mismatches(config_of()) == []
     assert cluster.world.read_blob("n1", "/var/lib/etcd.old/member/snap/db") == b"another cluster"
+
+
+def test_an_rke_cluster_is_not_taken_over_by_a_fresh_apply(tmp_path: Path) -> None:
+    # `rkel apply` (not `rkel import`) on an RKE cluster's nodes: RKE's etcd container and data
+    # are there; rkel must not replace the container and start a new cluster over the data
+    cluster = SimCluster(tmp_path / "cluster.rkel.db")
+    etcd = compile_desired(config_of()).node("n1").service("etcd")
+    assert etcd is not None
+    cluster.world.write_blob("n1", "/var/lib/etcd/member/snap/db", b"RKE's data")
+    cluster.world.hosts["n1"].containers["etcd"] = foreign_container(etcd, {})
+    outcome = cluster.apply(config_of())
+    assert "beside an etcd container rkel did not make" in outcome.failed, outcome.failed
+    assert "rkel import --rke-state" in outcome.failed
+    assert cluster.world.containers("n1")["etcd"].spec_hash == ""  # RKE's, untouched
+    assert cluster.world.read_blob("n1", "/var/lib/etcd/member/snap/db") == b"RKE's data"
 
 
 def test_a_members_own_data_never_counts_as_foreign(sim: SimCluster) -> None:

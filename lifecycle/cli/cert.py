@@ -75,7 +75,7 @@ def cert_rotate(
             rotation = rotate.plan_rotation(planned.loaded.config, store, planned.current,
                                             services, rotate_ca, kubeconfig)
             if plan_only:
-                reason = runner.snapshot_reason(rotation.plan, store)
+                reason = runner.snapshot_reason(rotation.plan, store) if snapshot else None
                 text = (render.plan_text(rotation.plan)
                         + render.snapshot_note(reason, "cert rotate"))
                 _emit(g, text, {"plan": rotation.plan.to_dict(), "snapshot_first": reason})

@@ -131,8 +131,9 @@ def _run(ctx: typer.Context, name: str | None, resume: bool, yes: bool, backend:
                 with snapshots.locked(store, command):
                     row = catalogue_in(g, store, str(name), None, backend)
                 typer.echo(f"notice: catalogued recurring snapshot {row.name} (taken on"
-                           f" {row.location.get('taken_on')}); a copy is kept at"
-                           f" {row.location.get('local')}", err=True)
+                           f" {row.location.get('taken_on')}) so that it can be restored; it"
+                           f" stays catalogued, with a copy at {row.location.get('local')}",
+                           err=True)
             rb = (runner.plan_restore(store, str(name), cluster) if data_only
                   else runner.plan_rollback(g.config, store, name))
             if not yes:

@@ -59,6 +59,10 @@ def _backend(g: Any, store: Any, config: Any, kind: SnapshotBackend) -> Iterator
         backend.close()
 
 
+def _iso(when: datetime | None) -> str:
+    return when.isoformat(timespec="microseconds") if when else ""
+
+
 def _human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -127,7 +131,7 @@ def list_(
         raise _fail(g, exc) from None
     data = [{**snapshots.describe(r), "catalogued": True} for r in rows]
     known = {r.name for r in rows}
-    loose: list[dict[str, Any]] = [{"name": n, "created": str(snapshots.taken_at(n)), "kind": "recurring",
+    loose: list[dict[str, Any]] = [{"name": n, "created": _iso(snapshots.taken_at(n)), "kind": "recurring",
               "catalogued": False, "nodes": list(sizes), "size": max(sizes.values())}
              for n, sizes in found.files.items() if n not in known]
     lines = [(f"{'NAME':<32} {'CREATED':<20} {'KIND':<9} {'SIZE':>10} {'SHA256':<12} "
@@ -138,7 +142,7 @@ def list_(
                      f" {_human(d['size']):>10} {d['sha256'][:12]:<12} {d['status']:<8}"
                      f" {d['kubernetes_version'] or '-':<22} {where}")
     for d in loose:
-        lines.append(f"{d['name']:<32} {d['created'][:19]:<20} {'recurring':<9}"
+        lines.append(f"{d['name']:<32} {d['created'][:19].replace('T', ' '):<20} {'recurring':<9}"
                      f" {_human(d['size']):>10} {'-':<12} {'on node':<8} {'-':<22}"
                      f" {', '.join(d['nodes'])}")
     if loose:

@@ -51,6 +51,23 @@ LOST_GRACE = 1.0  # seconds to let the SSH transport notice its connection is go
 STOP_TIMEOUT = 10  # seconds Docker waits after SIGTERM before SIGKILL
 HELPER_LABEL = "io.rkel.helper"
 DEFAULT_HELPER_IMAGE = "rancher/rke-tools:v0.1.102"
+# `list_files`: $1 (an absolute path on the node) is walked below /rkel/0, where the node's / is
+# bound, following each symbolic link as the node would (an absolute target is taken from the
+# node's /), then each regular file printed as <size>/<name>. Missing: nothing, exit 0.
+LIST_SCRIPT = r"""p=/rkel/0; IFS=/; set -f
+for part in $1; do
+  [ -n "$part" ] || continue; p="$p/$part"; n=0
+  while [ -L "$p" ] && [ $n -lt 40 ]; do
+    t=$(readlink "$p"); n=$((n + 1))
+    case "$t" in /*) p="/rkel/0$t" ;; *) p="${p%/*}/$t" ;; esac
+  done
+done
+unset IFS; set +f
+[ -e "$p" ] || exit 0
+cd "$p" || exit 3
+for f in * .[!.]*; do
+  if [ -f "$f" ] && [ ! -L "$f" ]; then printf '%s/%s\n' "$(stat -c %s -- "./$f")" "$f"; fi
+done"""
 _MAX_RESPONSE = 1 << 20
 CHUNK = 1 << 20  # bytes per read when streaming big files
 ONCE_TIMEOUT = 600.0  # seconds a one-shot container may run
@@ -550,14 +567,11 @@ class SSHHost:
                         f" ({' '.join(words)[:200] or f'exit status {code}'})")
 
     def list_files(self, directory: str) -> dict[str, int]:
-        """The regular files in `directory` with their sizes, listed on the node (a helper
-        container with the node's / bound read-only, so that nothing is created: a missing
-        directory is empty)."""
+        """The regular files in `directory` with their sizes, listed on the node: a helper
+        container with the node's / bound read-only, so that nothing is created (a missing
+        directory is empty). Symbolic links on the way are followed as on the node."""
         clean = _absolute(self.name, directory).rstrip("/") or "/"
-        script = ('cd "$1" 2>/dev/null || exit 0; for f in * .[!.]*; do'
-                  ' if [ -f "$f" ] && [ ! -L "$f" ]; then printf "%s/%s\\n" "$(stat -c %s "$f")"'
-                  ' "$f"; fi; done')
-        code, out = self.run_once(self.helper_image, ["sh", "-c", script, "ls", f"/rkel/0{clean}"],
+        code, out = self.run_once(self.helper_image, ["sh", "-c", LIST_SCRIPT, "ls", clean],
                                   binds=["/:/rkel/0:ro"])
         if code != 0:
             raise HostError(self.name, f"listing {clean} failed ({out.strip()[:200]})")
