@@ -21,9 +21,11 @@ What rkel deploys, and what it does not (yet):
   options coredns_priority_class_name / coredns_autoscaler_priority_class_name. Refused:
   stubdomains (RKE ignores them for CoreDNS) and nodelocal (not deployed, while the kubelet
   would point at it).
-- ingress: NOT deployed. RKE deploys ingress-nginx unless `provider: none`; rkel deploys nothing
-  when the section is absent or empty, and refuses a provider (or settings) asking for one.
-- monitoring (RKE's metrics-server): not deployed, not checked.
+- ingress: NOT deployed. RKE deploys ingress-nginx unless `provider: none`; rkel refuses a
+  provider (or settings) asking for one, and when the section is absent or empty (RKE's default
+  then is nginx) the plan warns that it is not deployed.
+- monitoring (RKE's metrics-server, deployed by default): NOT deployed; the plan warns unless
+  `monitoring.provider: none`.
 - addons / addons_include: multi-document YAML; every object needs apiVersion, kind and
   metadata.name; `kind: List` is flattened. Read as YAML 1.1 like kubectl (0644 is octal,
   yes/on are booleans), keeping timestamps and 1:30-style numbers as text as yaml.v2 does.
@@ -167,7 +169,27 @@ def compile_addons(
             addons.append(addon)
     if issues:
         raise AddonError(issues, source=source)
+    if warnings is not None:
+        warnings += defaults_not_deployed(config)
     return tuple(addons)
+
+
+def defaults_not_deployed(config: ClusterConfig) -> list[str]:
+    """What RKE deploys for this cluster.yml without being asked, and rkel does not yet: said
+    in the plan, not left for the user to find missing."""
+    notes = []
+    ingress = config.ingress or {}
+    if not ingress.get("provider") and not any(v for k, v in ingress.items() if k != "provider"):
+        notes.append("ingress: RKE deploys ingress-nginx when cluster.yml names no ingress"
+                     " provider; rkel does not deploy it yet (not deployed). Write `ingress:"
+                     " {provider: none}` if you do not want one, or deploy one through"
+                     " addons_include")
+    if ((config.monitoring or {}).get("provider") or "metrics-server") == "metrics-server":
+        notes.append("monitoring: RKE deploys metrics-server (what `kubectl top` and the"
+                     " HorizontalPodAutoscaler read) unless `monitoring: {provider: none}`;"
+                     " rkel does not deploy it yet (not deployed). Deploy it through"
+                     " addons_include, or write `provider: none` if you do not want it")
+    return notes
 
 
 def addon_images(config: ClusterConfig, catalog: VersionCatalog | None = None) -> dict[str, str]:

@@ -240,12 +240,28 @@ def test_what_rkel_does_not_deploy_is_a_warning_when_planning() -> None:
     addons = compile_addons(config("network: {plugin: calico}\ningress: {provider: nginx}\n"),
                             Path("."), warnings=notes)
     assert [a.name for a in addons] == ["dns-coredns"]
-    assert len(notes) == 2
+    assert len(notes) == 3
     assert notes[0].startswith("network.plugin: `calico` is not supported by rkel yet")
     assert notes[1].startswith("ingress.provider:") and notes[1].endswith("(not deployed)")
+    assert notes[2].startswith("monitoring: RKE deploys metrics-server")
     # a malformed manifest is still an error, warnings or not
     with pytest.raises(AddonError):
         compile_addons(config("addons: 'kind: Pod'\n"), Path("."), warnings=[])
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ("", ["ingress", "monitoring"]),  # RKE's defaults: ingress-nginx and metrics-server
+    ("ingress: {}\nmonitoring: {provider: ''}\n", ["ingress", "monitoring"]),
+    ("ingress: {provider: none}\n", ["monitoring"]),
+    ("monitoring: {provider: none}\n", ["ingress"]),
+    ("ingress: {provider: none}\nmonitoring: {provider: none}\n", []),
+])
+def test_what_rke_deploys_by_default_and_rkel_does_not_is_said(extra: str, said: list[str]) -> None:
+    notes: list[str] = []
+    compile_addons(config(extra), Path("."), warnings=notes)
+    assert [n.split(":")[0] for n in notes] == said
+    assert all("not deployed" in n for n in notes)
+    compile_addons(config(extra), Path("."))  # strict (a rollback's recorded config): no error
 
 
 def test_dual_stack_cidr_is_refused_for_canal() -> None:
