@@ -24,8 +24,11 @@ What rkel deploys, and what it does not (yet):
 - ingress: NOT deployed. RKE deploys ingress-nginx unless `provider: none`; rkel refuses a
   provider (or settings) asking for one, and when the section is absent or empty (RKE's default
   then is nginx) the plan warns that it is not deployed.
-- monitoring (RKE's metrics-server, deployed by default): NOT deployed; the plan warns unless
-  `monitoring.provider: none`.
+- monitoring.provider: `metrics-server` (RKE's default, also for an unknown name) after RKE
+  v1.6's manifests (upstream's components.yaml with --kubelet-insecure-tls), in kube-system,
+  behind the v1beta1.metrics.k8s.io APIService; `none` deploys nothing. Honoured: replicas,
+  node_selector, tolerations, update_strategy, metrics_server_priority_class_name and options
+  (each `key: value` a `--key=value` flag, replacing a default of the same name).
 - addons / addons_include: multi-document YAML; every object needs apiVersion, kind and
   metadata.name; `kind: List` is flattened. Read as YAML 1.1 like kubectl (0644 is octal,
   yes/on are booleans), keeping timestamps and 1:30-style numbers as text as yaml.v2 does.
@@ -71,6 +74,16 @@ ADDON_IMAGES = {
     "canal": ("canal_node", "canal_cni", "canal_flannel", "canal_controllers"),
     "flannel": ("flannel", "flannel_cni"),
     "coredns": ("coredns", "coredns_autoscaler"),
+    "metrics-server": ("metrics_server",),
+}
+# metrics-server's command before monitoring.options (an option of the same name replaces one).
+METRICS_SERVER_ARGS = {
+    "cert-dir": "/tmp",
+    "secure-port": "10250",
+    "kubelet-insecure-tls": "true",
+    "kubelet-preferred-address-types": "InternalIP",
+    "kubelet-use-node-status-port": "true",
+    "metric-resolution": "15s",
 }
 FLANNEL_BACKENDS = (
     "vxlan", "host-gw", "wireguard", "udp", "ipip", "ipsec", "alloc", "extension",
@@ -147,6 +160,7 @@ def compile_addons(
     steps: list[Callable[[], Addon | None]] = [
         partial(_network, config, images),
         partial(_dns, config, images),
+        partial(_monitoring, config, images),
         partial(_ingress, config),
         partial(_user_addons, config),
     ]
@@ -184,11 +198,6 @@ def defaults_not_deployed(config: ClusterConfig) -> list[str]:
                      " provider; rkel does not deploy it yet (not deployed). Write `ingress:"
                      " {provider: none}` if you do not want one, or deploy one through"
                      " addons_include")
-    if ((config.monitoring or {}).get("provider") or "metrics-server") == "metrics-server":
-        notes.append("monitoring: RKE deploys metrics-server (what `kubectl top` and the"
-                     " HorizontalPodAutoscaler read) unless `monitoring: {provider: none}`;"
-                     " rkel does not deploy it yet (not deployed). Deploy it through"
-                     " addons_include, or write `provider: none` if you do not want it")
     return notes
 
 
@@ -200,7 +209,9 @@ def addon_images(config: ClusterConfig, catalog: VersionCatalog | None = None) -
         return {}
     images = _Images(config, catalog.info(config.version))
     provider = (config.dns or {}).get("provider") or "coredns"
-    keys = ADDON_IMAGES.get(config.network.plugin, ()) + ADDON_IMAGES.get(provider, ())
+    monitoring = ("metrics-server",) if _monitoring_wanted(config) else ()
+    keys = ADDON_IMAGES.get(config.network.plugin, ()) + ADDON_IMAGES.get(provider, ()) + tuple(
+        key for m in monitoring for key in ADDON_IMAGES[m])
     out = {}
     for key in keys:
         try:
@@ -544,6 +555,38 @@ def _dns(config: ClusterConfig, images: _Images) -> Addon | None:
         "autoscaler_image": images("coredns_autoscaler"),
     }
     return Addon("dns-coredns", _render("coredns.yml", params, config.authorization.mode == "rbac"))
+
+
+def _monitoring_wanted(config: ClusterConfig) -> bool:
+    """RKE deploys metrics-server unless `monitoring.provider: none` (an unknown provider name
+    gets its default too, with a warning from the loader)."""
+    return ((config.monitoring or {}).get("provider") or "") != "none"
+
+
+def _monitoring(config: ClusterConfig, images: _Images) -> Addon | None:
+    if not _monitoring_wanted(config):
+        return None
+    monitoring = config.monitoring or {}
+    replicas = monitoring.get("replicas")
+    if replicas is not None and not (isinstance(replicas, int) and 1 <= replicas <= 100):
+        raise _Problem(_issue("monitoring.replicas", f"`{replicas}` is not a number of replicas"
+                              " from 1 to 100 (RKE's default is 1)"))
+    flags = dict(METRICS_SERVER_ARGS)
+    flags.update({str(k).removeprefix("--"): str(v)
+                  for k, v in (monitoring.get("options") or {}).items()})
+    params = {
+        "image": images("metrics_server"),
+        "command": ["/metrics-server", *(f"--{k}={v}" for k, v in sorted(flags.items()))],
+        "replicas": replicas,
+        "node_selector": dict(monitoring.get("node_selector") or {}) or None,
+        "tolerations": list(monitoring.get("tolerations") or []) or None,
+        "update_strategy": _update_strategy(
+            monitoring.get("update_strategy"), "monitoring.update_strategy",
+            ("RollingUpdate", "Recreate")),
+        "priority_class": monitoring.get("metrics_server_priority_class_name") or None,
+    }
+    return Addon("monitoring-metrics-server",
+                 _render("metrics-server.yml", params, config.authorization.mode == "rbac"))
 
 
 def _corefile(domain: str, reverse: list[str], upstreams: list[str]) -> str:

@@ -41,6 +41,7 @@ IMAGE_KEYS = (
     "canal_cni",
     "canal_controllers",
     "canal_flannel",
+    "metrics_server",
 )
 
 _VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)(?:-(.+))?$")

@@ -27,12 +27,19 @@ NODE = """nodes:
 """
 
 
+METRICS = "monitoring-metrics-server"
+
+
 def config(extra: str = "") -> ClusterConfig:
     return load_config_text(NODE + extra, source="test.yml").config
 
 
-def compile_(extra: str = "", base_dir: Path = Path(".")) -> tuple[Addon, ...]:
-    return compile_addons(config(extra), base_dir)
+def compile_(extra: str = "", base_dir: Path = Path("."),
+             monitoring: bool = False) -> tuple[Addon, ...]:
+    """The add-ons of NODE + `extra`; without metrics-server unless `monitoring` (most tests
+    here are about the others; metrics-server has its own)."""
+    addons = compile_addons(config(extra), base_dir)
+    return tuple(a for a in addons if monitoring or a.name != METRICS)
 
 
 def error(extra: str = "", base_dir: Path = Path(".")) -> str:
@@ -69,9 +76,9 @@ def images_of(addon: Addon) -> set[str]:
 
 
 def test_defaults_are_canal_and_coredns_with_rke_images_and_cidrs() -> None:
-    addons = compile_()
-    assert [a.name for a in addons] == ["network-canal", "dns-coredns"]
-    canal, dns = addons
+    addons = compile_(monitoring=True)
+    assert [a.name for a in addons] == ["network-canal", "dns-coredns", METRICS]
+    canal, dns, _ = addons
 
     net_conf = json.loads(obj(canal, "ConfigMap", "canal-config")["data"]["net-conf.json"])
     assert net_conf == {"Network": "10.42.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -239,22 +246,20 @@ def test_what_rkel_does_not_deploy_is_a_warning_when_planning() -> None:
     notes: list[str] = []
     addons = compile_addons(config("network: {plugin: calico}\ningress: {provider: nginx}\n"),
                             Path("."), warnings=notes)
-    assert [a.name for a in addons] == ["dns-coredns"]
-    assert len(notes) == 3
+    assert [a.name for a in addons] == ["dns-coredns", METRICS]
+    assert len(notes) == 2
     assert notes[0].startswith("network.plugin: `calico` is not supported by rkel yet")
     assert notes[1].startswith("ingress.provider:") and notes[1].endswith("(not deployed)")
-    assert notes[2].startswith("monitoring: RKE deploys metrics-server")
     # a malformed manifest is still an error, warnings or not
     with pytest.raises(AddonError):
         compile_addons(config("addons: 'kind: Pod'\n"), Path("."), warnings=[])
 
 
 @pytest.mark.parametrize(("extra", "said"), [
-    ("", ["ingress", "monitoring"]),  # RKE's defaults: ingress-nginx and metrics-server
-    ("ingress: {}\nmonitoring: {provider: ''}\n", ["ingress", "monitoring"]),
-    ("ingress: {provider: none}\n", ["monitoring"]),
-    ("monitoring: {provider: none}\n", ["ingress"]),
-    ("ingress: {provider: none}\nmonitoring: {provider: none}\n", []),
+    ("", ["ingress"]),  # RKE's default ingress-nginx
+    ("ingress: {}\n", ["ingress"]),
+    ("ingress: {provider: ''}\n", ["ingress"]),
+    ("ingress: {provider: none}\n", []),
 ])
 def test_what_rke_deploys_by_default_and_rkel_does_not_is_said(extra: str, said: list[str]) -> None:
     notes: list[str] = []
@@ -531,8 +536,10 @@ def test_addon_images_for_display() -> None:
         "flannel_cni": "rancher/flannel-cni:v1.4.1-rancher1",
         "coredns": "rancher/mirrored-coredns-coredns:1.11.1",
         "coredns_autoscaler": "rancher/mirrored-cluster-proportional-autoscaler:v1.8.9",
+        "metrics_server": "rancher/mirrored-metrics-server:v0.7.1",
     }
-    assert addon_images(config("network: {plugin: none}\ndns: {provider: none}\n")) == {}
+    assert addon_images(config("network: {plugin: none}\ndns: {provider: none}\n"
+                               "monitoring: {provider: none}\n")) == {}
 
 
 def test_every_supported_version_has_the_addon_images() -> None:
@@ -558,19 +565,19 @@ INGRESS = "ingress.provider"
 CALICO = "network.plugin"
 # file number -> the addon names it compiles to, or the issue paths its AddonError lists.
 REAL: dict[str, list[str]] = {
-    "01": ["network-flannel", "dns-coredns", "user-addons"],
-    "04": ["network-canal", "dns-coredns"],
+    "01": ["network-flannel", "dns-coredns", METRICS, "user-addons"],
+    "04": ["network-canal", "dns-coredns", METRICS],
     "05": [INGRESS],
-    "06": ["network-canal", "dns-coredns"],
+    "06": ["network-canal", "dns-coredns", METRICS],
     "07": [INGRESS],
-    "09": ["network-flannel", "dns-coredns"],
+    "09": ["network-flannel", "dns-coredns", METRICS],
     "10": [INGRESS],
-    "11": ["network-canal", "dns-coredns"],
+    "11": ["network-canal", "dns-coredns", METRICS],
     "13": [CALICO],
     "15": [CALICO, "addons_include[0]"],
     "16": [CALICO],
-    "19": ["network-canal", "dns-coredns", "user-addons"],
-    "20": ["network-canal", "dns-coredns"],
+    "19": ["network-canal", "dns-coredns", METRICS, "user-addons"],
+    "20": ["network-canal", "dns-coredns", METRICS],
 }
 
 
@@ -611,3 +618,60 @@ def test_real_file_compiles_or_says_why(path: Path) -> None:
 def test_the_real_files_are_there() -> None:
     assert CONFIG_FILES, f"no real cluster.yml files in {_configs_dir()} (set RKEL_RKE_CONFIGS)"
     assert {p.name[:2] for p in CONFIG_FILES} >= set(REAL)
+
+
+# -- metrics-server ---------------------------------------------------------------------------
+
+
+def test_metrics_server_is_deployed_by_default_as_rke_does() -> None:
+    (metrics,) = [a for a in compile_(monitoring=True) if a.name == METRICS]
+    kinds = [d["kind"] for d in metrics.docs]
+    assert kinds[-1] == "APIService" and "Deployment" in kinds and "ServiceAccount" in kinds
+    api = obj(metrics, "APIService", "v1beta1.metrics.k8s.io")
+    assert api["spec"]["service"] == {"name": "metrics-server", "namespace": "kube-system"}
+    deployment = obj(metrics, "Deployment", "metrics-server")
+    assert "replicas" not in deployment["spec"]  # Kubernetes' 1, as RKE
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "rancher/mirrored-metrics-server:v0.7.1"
+    assert "--kubelet-insecure-tls=true" in container["command"]  # RKE's self-signed kubelets
+    assert "--secure-port=10250" in container["command"]
+    assert pod["serviceAccountName"] == "metrics-server"
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    # an unknown provider name gets RKE's default too (the loader warns of the name)
+    assert METRICS in [a.name for a in compile_("monitoring: {provider: metric-server}\n",
+                                                monitoring=True)]
+    assert METRICS not in [a.name for a in compile_("monitoring: {provider: none}\n",
+                                                    monitoring=True)]
+
+
+def test_metrics_server_settings_are_honoured() -> None:
+    (metrics,) = [a for a in compile_(
+        """monitoring:
+  replicas: 2
+  node_selector: {disk: ssd}
+  tolerations: [{key: dedicated, operator: Equal, value: infra, effect: NoSchedule}]
+  update_strategy: {strategy: Recreate}
+  metrics_server_priority_class_name: high
+  options: {metric-resolution: 30s, kubelet-preferred-address-types: "InternalIP,Hostname"}
+""", monitoring=True) if a.name == METRICS]
+    deployment = obj(metrics, "Deployment", "metrics-server")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "disk": "ssd"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "infra",
+                                   "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "high"
+    command = pod["containers"][0]["command"]
+    assert "--metric-resolution=30s" in command and "--metric-resolution=15s" not in command
+    assert "--kubelet-preferred-address-types=InternalIP,Hostname" in command
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    without_rbac = [a for a in compile_("authorization: {mode: none}\n", monitoring=True)
+                    if a.name == METRICS][0]
+    assert {d["kind"] for d in without_rbac.docs} == {"Service", "Deployment", "APIService"}
+
+
+@pytest.mark.parametrize("replicas", [0, -1, 1000])  # "two" is the loader's error
+def test_metrics_server_replicas_must_make_sense(replicas: object) -> None:
+    message = error(f"monitoring: {{replicas: {json.dumps(replicas)}}}\n")
+    assert "monitoring.replicas: " in message

@@ -201,7 +201,7 @@ def test_kubectl_shows_every_node_ready_with_its_roles(cluster: Cluster) -> None
 
 
 def test_the_default_addons_rolled_out(cluster: Cluster) -> None:
-    # canal (RKE's default network plugin) on every node, CoreDNS on the cluster DNS address
+    # canal (RKE's default network plugin) on every node, CoreDNS on the cluster DNS address,
     canal = cluster.kube_json("get", "daemonset", "-n", "kube-system", "canal")
     assert canal["status"]["numberAvailable"] == 3
     assert canal["status"]["desiredNumberScheduled"] == 3
@@ -211,6 +211,11 @@ def test_the_default_addons_rolled_out(cluster: Cluster) -> None:
     assert dns["spec"]["clusterIP"] == "10.43.0.10"
     pods = cluster.kube_json("get", "pods", "-n", "kube-system", "-l", "k8s-app=canal")["items"]
     assert sorted(p["spec"]["nodeName"] for p in pods) == list(HOSTS)
+    # metrics-server (RKE's default monitoring), registered as the metrics.k8s.io API
+    metrics = cluster.kube_json("get", "deployment", "-n", "kube-system", "metrics-server")
+    assert metrics["status"]["availableReplicas"] >= 1
+    api = cluster.kube_json("get", "apiservice", "v1beta1.metrics.k8s.io")
+    assert api["spec"]["service"]["name"] == "metrics-server"
 
 
 def test_a_copy_of_the_state_is_kept_in_kube_system_without_keys(cluster: Cluster) -> None:
