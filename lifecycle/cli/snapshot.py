@@ -1,4 +1,5 @@
-"""`rkel snapshot save|list|catalogue|verify|prune`: etcd snapshots (the work is in `lifecycle.snapshots`).
+"""`rkel snapshot save|list|catalogue|verify|prune`: etcd snapshots (the work is in
+`lifecycle.snapshots`).
 
 The global options (config, state, output) come from the main app's callback (`ctx.obj`); the
 shared helpers of `lifecycle.cli` are imported inside the commands because that module imports
@@ -23,7 +24,9 @@ from lifecycle.config import load_config
 from lifecycle.errors import RkelError
 from lifecycle.runner import desired_for, running_config
 
-snapshot_app = typer.Typer(help="etcd snapshots: save, list, catalogue, verify, prune, restore (see also `rkel rollback`).", no_args_is_help=True)
+snapshot_app = typer.Typer(
+    help="etcd snapshots: save, list, catalogue, verify, prune, restore (see also `rkel"
+         " rollback`).", no_args_is_help=True)
 
 
 class SnapshotBackend(str, Enum):
@@ -131,9 +134,10 @@ def list_(
         raise _fail(g, exc) from None
     data = [{**snapshots.describe(r), "catalogued": True} for r in rows]
     known = {r.name for r in rows}
-    loose: list[dict[str, Any]] = [{"name": n, "created": _iso(snapshots.taken_at(n)), "kind": "recurring",
-              "catalogued": False, "nodes": list(sizes), "size": max(sizes.values())}
-             for n, sizes in found.files.items() if n not in known]
+    loose: list[dict[str, Any]] = [
+        {"name": n, "created": _iso(snapshots.taken_at(n)), "kind": "recurring",
+         "catalogued": False, "nodes": list(sizes), "size": max(sizes.values())}
+        for n, sizes in found.files.items() if n not in known]
     lines = [(f"{'NAME':<32} {'CREATED':<20} {'KIND':<9} {'SIZE':>10} {'SHA256':<12} "
               f"{'STATUS':<8} {'VERSION':<22} WHERE")]
     for d in data:
