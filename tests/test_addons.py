@@ -638,6 +638,9 @@ def test_metrics_server_is_deployed_by_default_as_rke_does() -> None:
     assert "--secure-port=10250" in container["command"]
     assert pod["serviceAccountName"] == "metrics-server"
     assert pod["priorityClassName"] == "system-cluster-critical"
+    # its emptyDir is scratch: a drain without delete_local_data may evict it
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "true"}
     # an unknown provider name gets RKE's default too (the loader warns of the name)
     assert METRICS in [a.name for a in compile_("monitoring: {provider: metric-server}\n",
                                                 monitoring=True)]

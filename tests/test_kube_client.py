@@ -45,8 +45,11 @@ def kube(api: ApiServer) -> KubernetesAPI:
     return KubernetesAPI([dead, api.url], admin, sleep=lambda s: None, timeout=5)
 
 
-def pod(api: ApiServer, name: str, owner: str | None = None, empty_dir: bool = False) -> None:
+def pod(api: ApiServer, name: str, owner: str | None = None, empty_dir: bool = False,
+        annotations: dict[str, str] | None = None) -> None:
     metadata: dict[str, Any] = {"name": name, "namespace": "default"}
+    if annotations:
+        metadata["annotations"] = annotations
     if owner:
         metadata["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner, "name": "o",
                                         "uid": f"uid-{name}", "controller": True}]
@@ -91,14 +94,23 @@ def test_drain_follows_node_drain_input(api: ApiServer, kube: KubernetesAPI) -> 
     pod(api, "agent-1", owner="DaemonSet")
     pod(api, "bare-1")
     pod(api, "cache-1", owner="ReplicaSet", empty_dir=True)
+    # scratch space only, says the pod (as metrics-server's does): no delete_local_data needed
+    pod(api, "metrics-1", owner="ReplicaSet", empty_dir=True,
+        annotations={"cluster-autoscaler.kubernetes.io/safe-to-evict": "true"})
     with pytest.raises(HostError) as refused:
         kube.drain(NODE, DrainOptions())
     text = str(refused.value)
     assert "default/bare-1" in text and "force" in text
     assert "default/cache-1" in text and "delete_local_data" in text
-    assert pods_on_node(api) == ["agent-1", "bare-1", "cache-1", "web-1"]  # nothing evicted
-    kube.drain(NODE, DrainOptions(force=True, delete_local_data=True, timeout=10))
+    assert "metrics-1" not in text
+    assert pods_on_node(api) == ["agent-1", "bare-1", "cache-1", "metrics-1", "web-1"]
+    code, body = api.call("DELETE", "/api/v1/namespaces/default/pods/cache-1")
+    assert code == 200, body
+    kube.drain(NODE, DrainOptions(force=True, timeout=10))  # no delete_local_data
     assert pods_on_node(api) == ["agent-1"]  # the DaemonSet's pod stays, as with kubectl
+    pod(api, "cache-2", owner="ReplicaSet", empty_dir=True)
+    kube.drain(NODE, DrainOptions(delete_local_data=True, timeout=10))
+    assert pods_on_node(api) == ["agent-1"]
 
 
 def test_delete_node_is_idempotent(api: ApiServer, kube: KubernetesAPI) -> None:

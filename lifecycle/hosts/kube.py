@@ -600,6 +600,11 @@ def _pod_key(pod: dict[str, Any]) -> str:
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
+# A pod that says its emptyDir volumes are scratch (the convention the cluster autoscaler reads):
+# drain evicts it without delete_local_data. rkel's own add-ons with such volumes carry it.
+SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
+
+
 def _keep_reason(pod: dict[str, Any], options: DrainOptions) -> str:
     """Why drain must not (or need not) evict `pod`: "" when it may."""
     meta = pod.get("metadata") or {}
@@ -611,6 +616,7 @@ def _keep_reason(pod: dict[str, Any], options: DrainOptions) -> str:
     if not any(o.get("controller") for o in owners) and not options.force:
         return "not managed by a controller; needs force"
     volumes = (pod.get("spec") or {}).get("volumes") or []
-    if any("emptyDir" in v for v in volumes) and not options.delete_local_data:
+    scratch = (meta.get("annotations") or {}).get(SAFE_TO_EVICT) == "true"
+    if any("emptyDir" in v for v in volumes) and not options.delete_local_data and not scratch:
         return "uses emptyDir; needs delete_local_data"
     return ""
