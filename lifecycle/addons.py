@@ -21,9 +21,12 @@ What rkel deploys, and what it does not (yet):
   options coredns_priority_class_name / coredns_autoscaler_priority_class_name. Refused:
   stubdomains (RKE ignores them for CoreDNS) and nodelocal (not deployed, while the kubelet
   would point at it).
-- ingress: NOT deployed. RKE deploys ingress-nginx unless `provider: none`; rkel refuses a
-  provider (or settings) asking for one, and when the section is absent or empty (RKE's default
-  then is nginx) the plan warns that it is not deployed.
+- ingress.provider: `nginx` (RKE's default, also when no provider is named) after RKE v1.6's
+  manifests (the ingress-nginx 1.10 line), in the ingress-nginx namespace; `none` deploys
+  nothing; another provider is refused (a plan warning). Honoured: options, node_selector,
+  extra_args, dns_policy, extra_envs, extra_volumes, extra_volume_mounts, update_strategy,
+  http_port, https_port, network_mode (hostNetwork, hostPort, none), tolerations,
+  default_backend, default_ingress_class and both priority classes.
 - monitoring.provider: `metrics-server` (RKE's default, also for an unknown name) after RKE
   v1.6's manifests (upstream's components.yaml with --kubelet-insecure-tls), in kube-system,
   behind the v1beta1.metrics.k8s.io APIService; `none` deploys nothing. Honoured: replicas,
@@ -75,7 +78,10 @@ ADDON_IMAGES = {
     "flannel": ("flannel", "flannel_cni"),
     "coredns": ("coredns", "coredns_autoscaler"),
     "metrics-server": ("metrics_server",),
+    "nginx": ("ingress", "ingress_backend", "ingress_webhook"),
 }
+INGRESS_NETWORK_MODES = ("hostNetwork", "hostPort", "none")
+DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
 # metrics-server's command before monitoring.options (an option of the same name replaces one).
 METRICS_SERVER_ARGS = {
     "cert-dir": "/tmp",
@@ -161,7 +167,7 @@ def compile_addons(
         partial(_network, config, images),
         partial(_dns, config, images),
         partial(_monitoring, config, images),
-        partial(_ingress, config),
+        partial(_ingress, config, images),
         partial(_user_addons, config),
     ]
     steps += [
@@ -183,22 +189,7 @@ def compile_addons(
             addons.append(addon)
     if issues:
         raise AddonError(issues, source=source)
-    if warnings is not None:
-        warnings += defaults_not_deployed(config)
     return tuple(addons)
-
-
-def defaults_not_deployed(config: ClusterConfig) -> list[str]:
-    """What RKE deploys for this cluster.yml without being asked, and rkel does not yet: said
-    in the plan, not left for the user to find missing."""
-    notes = []
-    ingress = config.ingress or {}
-    if not ingress.get("provider") and not any(v for k, v in ingress.items() if k != "provider"):
-        notes.append("ingress: RKE deploys ingress-nginx when cluster.yml names no ingress"
-                     " provider; rkel does not deploy it yet (not deployed). Write `ingress:"
-                     " {provider: none}` if you do not want one, or deploy one through"
-                     " addons_include")
-    return notes
 
 
 def addon_images(config: ClusterConfig, catalog: VersionCatalog | None = None) -> dict[str, str]:
@@ -209,9 +200,10 @@ def addon_images(config: ClusterConfig, catalog: VersionCatalog | None = None) -
         return {}
     images = _Images(config, catalog.info(config.version))
     provider = (config.dns or {}).get("provider") or "coredns"
-    monitoring = ("metrics-server",) if _monitoring_wanted(config) else ()
+    extra: tuple[str, ...] = ("metrics-server",) if _monitoring_wanted(config) else ()
+    extra += ("nginx",) if _ingress_provider(config) == "nginx" else ()
     keys = ADDON_IMAGES.get(config.network.plugin, ()) + ADDON_IMAGES.get(provider, ()) + tuple(
-        key for m in monitoring for key in ADDON_IMAGES[m])
+        key for m in extra for key in ADDON_IMAGES[m])
     out = {}
     for key in keys:
         try:
@@ -665,23 +657,142 @@ def _in_service_range(server: str, ranges: str) -> bool:
     return any(ip.version == n.version and ip in n for n in nets)
 
 
-def _ingress(config: ClusterConfig) -> None:
+def _ingress_provider(config: ClusterConfig) -> str:
+    """RKE's rule: no provider named means nginx."""
+    return str((config.ingress or {}).get("provider") or "nginx")
+
+
+def _ingress(config: ClusterConfig, images: _Images) -> Addon | None:
     ingress = config.ingress or {}
-    provider = ingress.get("provider") or ""
+    provider = _ingress_provider(config)
     if provider == "none":
-        return
-    settings = sorted(k for k, v in ingress.items() if k != "provider" and v)
-    if not provider and not settings:
-        return
-    asked = f"`provider: {provider}`" if provider else f"settings ({', '.join(settings)})"
-    raise _Unsupported(
-        _issue(
-            "ingress.provider",
-            f"the ingress section asks for an ingress controller with {asked} (RKE deploys "
-            "ingress-nginx), which rkel does not deploy yet; set `ingress.provider: none` and "
-            "deploy one yourself through addons_include",
-        )
-    )
+        return None
+    if provider != "nginx":
+        raise _Unsupported(_issue("ingress.provider", f"`{provider}` is not an ingress provider"
+                                  " rkel deploys; use nginx (RKE's default) or none"))
+    issues = []
+    mode = str(ingress.get("network_mode") or "hostNetwork")
+    if mode not in INGRESS_NETWORK_MODES:
+        issues.append(_issue("ingress.network_mode", f"`{mode}` is not one of"
+                             f" {', '.join(INGRESS_NETWORK_MODES)} (RKE's default: hostNetwork)"))
+    ports = {}
+    for key, default in (("http_port", 80), ("https_port", 443)):
+        value = ingress.get(key) or default
+        if not isinstance(value, int) or not 1 <= value <= 65535:
+            issues.append(_issue(f"ingress.{key}", f"`{value}` is not a port number"))
+        ports[key] = value
+    dns_policy = str(ingress.get("dns_policy") or "ClusterFirst")
+    if dns_policy not in DNS_POLICIES:
+        issues.append(_issue("ingress.dns_policy", f"`{dns_policy}` is not a pod dnsPolicy"
+                             f" ({', '.join(DNS_POLICIES)})"))
+    if issues:
+        raise _Problem(*issues)
+    backend = ingress.get("default_backend") is not False  # RKE: on unless false
+    args = {
+        "election-id": "ingress-controller-leader",
+        "controller-class": "k8s.io/ingress-nginx",
+        "configmap": "$(POD_NAMESPACE)/ingress-nginx-controller",
+        "tcp-services-configmap": "$(POD_NAMESPACE)/tcp-services",
+        "udp-services-configmap": "$(POD_NAMESPACE)/udp-services",
+        "annotations-prefix": "nginx.ingress.kubernetes.io",
+        "validating-webhook": ":8443",
+        "validating-webhook-certificate": "/usr/local/certificates/cert",
+        "validating-webhook-key": "/usr/local/certificates/key",
+        "watch-ingress-without-class": "true",
+    }
+    if backend:
+        args["default-backend-service"] = "$(POD_NAMESPACE)/default-http-backend"
+    if mode == "hostNetwork":  # the controller itself listens on the node's ports
+        args.update({k: str(v) for k, v in (("http-port", ports["http_port"]),
+                                            ("https-port", ports["https_port"])) if v not in (80, 443)})
+    args.update({str(k).removeprefix("--"): str(v)
+                 for k, v in (ingress.get("extra_args") or {}).items()})
+    container_ports = [
+        {"name": "http", "containerPort": ports["http_port"] if mode == "hostNetwork" else 80,
+         "protocol": "TCP"},
+        {"name": "https", "containerPort": ports["https_port"] if mode == "hostNetwork" else 443,
+         "protocol": "TCP"},
+        {"name": "webhook", "containerPort": 8443, "protocol": "TCP"},
+    ]
+    if mode == "hostPort":
+        container_ports[0]["hostPort"] = ports["http_port"]
+        container_ports[1]["hostPort"] = ports["https_port"]
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "POD_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+           {"name": "LD_PRELOAD", "value": "/usr/local/lib/libmimalloc.so"},
+           *(ingress.get("extra_envs") or [])]
+    default_class = ingress.get("default_ingress_class") is not False  # RKE: on unless false
+    options = ingress.get("options") or {}
+    params = {
+        "options": {str(k): str(v) for k, v in options.items()} or None,
+        "update_strategy": _update_strategy(
+            ingress.get("update_strategy"), "ingress.update_strategy",
+            ("RollingUpdate", "OnDelete")),
+        "host_network": True if mode == "hostNetwork" else None,
+        "dns_policy": dns_policy,
+        "node_selector": dict(ingress.get("node_selector") or {}) or None,
+        "priority_class": ingress.get("nginx_ingress_controller_priority_class_name") or None,
+        "tolerations": list(ingress.get("tolerations") or []) or None,
+        "image": images("ingress"),
+        "webhook_image": images("ingress_webhook"),
+        "args": ["/nginx-ingress-controller", *(f"--{k}={v}" for k, v in args.items())],
+        "env": env,
+        "ports": container_ports,
+        "volume_mounts": [{"name": "webhook-cert", "mountPath": "/usr/local/certificates/",
+                           "readOnly": True}, *(ingress.get("extra_volume_mounts") or [])],
+        "volumes": [{"name": "webhook-cert", "secret": {"secretName": "ingress-nginx-admission"}},
+                    *(ingress.get("extra_volumes") or [])],
+        "class_annotations": ({"ingressclass.kubernetes.io/is-default-class": "true"}
+                              if default_class else None),
+        "backend_deployment": _default_backend(ingress, images) if backend else None,
+        "backend_service": _DEFAULT_BACKEND_SERVICE if backend else None,
+    }
+    return Addon("ingress-nginx",
+                 _render("ingress-nginx.yml", params, config.authorization.mode == "rbac"))
+
+
+_DEFAULT_BACKEND_SERVICE = {
+    "apiVersion": "v1", "kind": "Service",
+    "metadata": {"name": "default-http-backend", "namespace": "ingress-nginx",
+                 "labels": {"app": "default-http-backend"}},
+    "spec": {"ports": [{"port": 80, "targetPort": 8080}],
+             "selector": {"app": "default-http-backend"}},
+}
+
+
+def _default_backend(ingress: dict[str, Any], images: _Images) -> dict[str, Any]:
+    """The Deployment answering 404 for what no Ingress routes (RKE's default-http-backend)."""
+    pod: dict[str, Any] = {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "node-role.kubernetes.io/worker", "operator": "Exists"}]}]}}},
+        "terminationGracePeriodSeconds": 60,
+        "tolerations": list(ingress.get("tolerations") or [])
+        or [{"effect": "NoExecute", "operator": "Exists"},
+            {"effect": "NoSchedule", "operator": "Exists"}],
+        "containers": [{
+            "name": "default-http-backend",
+            "image": images("ingress_backend"),
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
+                              "initialDelaySeconds": 30, "timeoutSeconds": 5},
+            "ports": [{"containerPort": 8080}],
+            "resources": {"limits": {"cpu": "10m", "memory": "20Mi"},
+                          "requests": {"cpu": "10m", "memory": "20Mi"}},
+            "securityContext": {"runAsUser": 65534},
+        }],
+    }
+    priority = ingress.get("default_http_backend_priority_class_name")
+    if priority:
+        pod["priorityClassName"] = priority
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "default-http-backend", "namespace": "ingress-nginx",
+                     "labels": {"app": "default-http-backend"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "default-http-backend"}},
+                 "template": {"metadata": {"labels": {"app": "default-http-backend"}},
+                              "spec": pod}},
+    }
 
 
 # --- user addons ----------------------------------------------------------------------------

@@ -42,6 +42,9 @@ IMAGE_KEYS = (
     "canal_controllers",
     "canal_flannel",
     "metrics_server",
+    "ingress",
+    "ingress_backend",
+    "ingress_webhook",
 )
 
 _VERSION_RE = re.compile(r"^v(\d+)\.(\d+)\.(\d+)(?:-(.+))?$")

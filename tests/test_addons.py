@@ -28,6 +28,7 @@ NODE = """nodes:
 
 
 METRICS = "monitoring-metrics-server"
+NGINX = "ingress-nginx"
 
 
 def config(extra: str = "") -> ClusterConfig:
@@ -36,10 +37,10 @@ def config(extra: str = "") -> ClusterConfig:
 
 def compile_(extra: str = "", base_dir: Path = Path("."),
              monitoring: bool = False) -> tuple[Addon, ...]:
-    """The add-ons of NODE + `extra`; without metrics-server unless `monitoring` (most tests
-    here are about the others; metrics-server has its own)."""
+    """The add-ons of NODE + `extra`; without metrics-server and ingress-nginx unless
+    `monitoring` (most tests here are about the others; those two have their own)."""
     addons = compile_addons(config(extra), base_dir)
-    return tuple(a for a in addons if monitoring or a.name != METRICS)
+    return tuple(a for a in addons if monitoring or a.name not in (METRICS, NGINX))
 
 
 def error(extra: str = "", base_dir: Path = Path(".")) -> str:
@@ -77,8 +78,8 @@ def images_of(addon: Addon) -> set[str]:
 
 def test_defaults_are_canal_and_coredns_with_rke_images_and_cidrs() -> None:
     addons = compile_(monitoring=True)
-    assert [a.name for a in addons] == ["network-canal", "dns-coredns", METRICS]
-    canal, dns, _ = addons
+    assert [a.name for a in addons] == ["network-canal", "dns-coredns", METRICS, NGINX]
+    canal, dns, _, _ = addons
 
     net_conf = json.loads(obj(canal, "ConfigMap", "canal-config")["data"]["net-conf.json"])
     assert net_conf == {"Network": "10.42.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -112,7 +113,8 @@ def test_defaults_are_canal_and_coredns_with_rke_images_and_cidrs() -> None:
     for addon in addons:
         for doc in addon.docs:
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"]
-            assert "$" not in json.dumps(doc), f"unfilled placeholder in {doc['kind']}"
+            text = json.dumps(doc).replace("$(POD_NAMESPACE)", "")  # Kubernetes' own $(VAR)
+            assert "$" not in text, f"unfilled placeholder in {doc['kind']}"
 
 
 def test_services_cidr_and_domain_are_the_configs() -> None:
@@ -244,7 +246,7 @@ def test_unsupported_plugin_says_what_to_do(plugin: str) -> None:
 def test_what_rkel_does_not_deploy_is_a_warning_when_planning() -> None:
     # How `rkel plan` calls it: the rest of the cluster is still managed, the plan warns.
     notes: list[str] = []
-    addons = compile_addons(config("network: {plugin: calico}\ningress: {provider: nginx}\n"),
+    addons = compile_addons(config("network: {plugin: calico}\ningress: {provider: traefik}\n"),
                             Path("."), warnings=notes)
     assert [a.name for a in addons] == ["dns-coredns", METRICS]
     assert len(notes) == 2
@@ -253,20 +255,6 @@ def test_what_rkel_does_not_deploy_is_a_warning_when_planning() -> None:
     # a malformed manifest is still an error, warnings or not
     with pytest.raises(AddonError):
         compile_addons(config("addons: 'kind: Pod'\n"), Path("."), warnings=[])
-
-
-@pytest.mark.parametrize(("extra", "said"), [
-    ("", ["ingress"]),  # RKE's default ingress-nginx
-    ("ingress: {}\n", ["ingress"]),
-    ("ingress: {provider: ''}\n", ["ingress"]),
-    ("ingress: {provider: none}\n", []),
-])
-def test_what_rke_deploys_by_default_and_rkel_does_not_is_said(extra: str, said: list[str]) -> None:
-    notes: list[str] = []
-    compile_addons(config(extra), Path("."), warnings=notes)
-    assert [n.split(":")[0] for n in notes] == said
-    assert all("not deployed" in n for n in notes)
-    compile_addons(config(extra), Path("."))  # strict (a rollback's recorded config): no error
 
 
 def test_dual_stack_cidr_is_refused_for_canal() -> None:
@@ -352,17 +340,14 @@ def test_dns_problems(extra: str, path: str, text: str) -> None:
     assert f"{path}: " in message and text in message, message
 
 
-def test_ingress_is_not_deployed_and_an_explicit_provider_is_refused() -> None:
-    assert [a.name for a in compile_("ingress: {provider: none}\n")] == [
-        "network-canal",
-        "dns-coredns",
-    ]
-    assert len(compile_('ingress: {provider: "", options: {}, http_port: 0}\n')) == 2
-    text = error("ingress: {provider: nginx}\n")
-    assert "ingress.provider:" in text and "`provider: nginx`" in text
-    assert "set `ingress.provider: none`" in text
-    text = error("ingress:\n  node_selector: {app: ingress}\n")
-    assert "settings (node_selector)" in text
+def test_ingress_provider_none_deploys_none_and_an_unknown_one_is_refused() -> None:
+    names = [a.name for a in compile_("ingress: {provider: none}\n", monitoring=True)]
+    assert NGINX not in names
+    # RKE's default: no provider named (or an empty section) means nginx
+    for extra in ("", 'ingress: {provider: "", options: {}, http_port: 0}\n'):
+        assert NGINX in [a.name for a in compile_(extra, monitoring=True)]
+    text = error("ingress: {provider: traefik}\n")
+    assert "ingress.provider: `traefik` is not an ingress provider rkel deploys" in text
 
 
 # -- user addons ------------------------------------------------------------------------------
@@ -537,9 +522,12 @@ def test_addon_images_for_display() -> None:
         "coredns": "rancher/mirrored-coredns-coredns:1.11.1",
         "coredns_autoscaler": "rancher/mirrored-cluster-proportional-autoscaler:v1.8.9",
         "metrics_server": "rancher/mirrored-metrics-server:v0.7.1",
+        "ingress": "rancher/nginx-ingress-controller:nginx-1.10.4-rancher1",
+        "ingress_backend": "rancher/mirrored-nginx-ingress-controller-defaultbackend:1.5-rancher1",
+        "ingress_webhook": "rancher/mirrored-ingress-nginx-kube-webhook-certgen:v1.4.1",
     }
     assert addon_images(config("network: {plugin: none}\ndns: {provider: none}\n"
-                               "monitoring: {provider: none}\n")) == {}
+                               "monitoring: {provider: none}\ningress: {provider: none}\n")) == {}
 
 
 def test_every_supported_version_has_the_addon_images() -> None:
@@ -561,23 +549,22 @@ def _configs_dir() -> Path:
 
 
 CONFIG_FILES = sorted(_configs_dir().glob("*.yml")) if _configs_dir().is_dir() else []
-INGRESS = "ingress.provider"
 CALICO = "network.plugin"
 # file number -> the addon names it compiles to, or the issue paths its AddonError lists.
 REAL: dict[str, list[str]] = {
-    "01": ["network-flannel", "dns-coredns", METRICS, "user-addons"],
-    "04": ["network-canal", "dns-coredns", METRICS],
-    "05": [INGRESS],
-    "06": ["network-canal", "dns-coredns", METRICS],
-    "07": [INGRESS],
-    "09": ["network-flannel", "dns-coredns", METRICS],
-    "10": [INGRESS],
+    "01": ["network-flannel", "dns-coredns", METRICS, NGINX, "user-addons"],
+    "04": ["network-canal", "dns-coredns", METRICS, NGINX],
+    "05": ["network-canal", "dns-coredns", METRICS, NGINX],
+    "06": ["network-canal", "dns-coredns", METRICS, NGINX],
+    "07": ["network-flannel", "dns-coredns", METRICS, NGINX],
+    "09": ["network-flannel", "dns-coredns", METRICS, NGINX],
+    "10": ["dns-coredns", METRICS, NGINX, "user-addons"],
     "11": ["network-canal", "dns-coredns", METRICS],
     "13": [CALICO],
     "15": [CALICO, "addons_include[0]"],
     "16": [CALICO],
-    "19": ["network-canal", "dns-coredns", METRICS, "user-addons"],
-    "20": ["network-canal", "dns-coredns", METRICS],
+    "19": ["network-canal", "dns-coredns", METRICS, NGINX, "user-addons"],
+    "20": ["network-canal", "dns-coredns", METRICS, NGINX],
 }
 
 
@@ -678,3 +665,97 @@ def test_metrics_server_settings_are_honoured() -> None:
 def test_metrics_server_replicas_must_make_sense(replicas: object) -> None:
     message = error(f"monitoring: {{replicas: {json.dumps(replicas)}}}\n")
     assert "monitoring.replicas: " in message
+
+
+# -- ingress-nginx ----------------------------------------------------------------------------
+
+
+def nginx(extra: str = "") -> Addon:
+    (addon,) = [a for a in compile_(extra, monitoring=True) if a.name == NGINX]
+    return addon
+
+
+def controller(addon: Addon) -> dict:
+    return obj(addon, "DaemonSet", "nginx-ingress-controller")
+
+
+def test_ingress_nginx_is_deployed_by_default_as_rke_does() -> None:
+    addon = nginx()
+    pod = controller(addon)["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirst"
+    (container,) = pod["containers"]
+    assert container["image"] == "rancher/nginx-ingress-controller:nginx-1.10.4-rancher1"
+    args = container["args"]
+    assert args[0] == "/nginx-ingress-controller"
+    assert "--default-backend-service=$(POD_NAMESPACE)/default-http-backend" in args
+    assert "--watch-ingress-without-class=true" in args
+    assert not [a for a in args if a.startswith(("--http-port", "--https-port"))]
+    assert [p["containerPort"] for p in container["ports"]] == [80, 443, 8443]
+    klass = obj(addon, "IngressClass", "nginx")
+    assert klass["metadata"]["annotations"] == {"ingressclass.kubernetes.io/is-default-class": "true"}
+    assert obj(addon, "Deployment", "default-http-backend")["spec"]["template"]["spec"][
+        "containers"][0]["image"] == "rancher/mirrored-nginx-ingress-controller-defaultbackend:1.5-rancher1"
+    jobs = [d for d in addon.docs if d["kind"] == "Job"]
+    assert [j["metadata"]["name"] for j in jobs] == ["ingress-nginx-admission-create",
+                                                     "ingress-nginx-admission-patch"]
+    assert all(j["spec"]["template"]["spec"]["containers"][0]["image"]
+               == "rancher/mirrored-ingress-nginx-kube-webhook-certgen:v1.4.1" for j in jobs)
+    assert "data" not in obj(addon, "ConfigMap", "ingress-nginx-controller")
+
+
+def test_ingress_settings_are_honoured() -> None:
+    addon = nginx("""ingress:
+  provider: nginx
+  options: {use-forwarded-headers: "true"}
+  node_selector: {app: ingress}
+  extra_args: {enable-ssl-passthrough: ""}
+  dns_policy: ClusterFirstWithHostNet
+  extra_envs: [{name: TZ, value: UTC}]
+  extra_volumes: [{name: extra, emptyDir: {}}]
+  extra_volume_mounts: [{name: extra, mountPath: /extra}]
+  update_strategy: {strategy: OnDelete}
+  http_port: 8080
+  https_port: 8443
+  tolerations: [{key: edge, operator: Exists, effect: NoSchedule}]
+  default_backend: false
+  nginx_ingress_controller_priority_class_name: edge-critical
+  default_ingress_class: false
+""")
+    assert obj(addon, "ConfigMap", "ingress-nginx-controller")["data"] == {
+        "use-forwarded-headers": "true"}
+    daemonset = controller(addon)
+    assert daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "app": "ingress"}
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["tolerations"] == [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "edge-critical"
+    assert {"name": "extra", "emptyDir": {}} in pod["volumes"]
+    (container,) = pod["containers"]
+    assert {"name": "TZ", "value": "UTC"} in container["env"]
+    assert {"name": "extra", "mountPath": "/extra"} in container["volumeMounts"]
+    args = container["args"]
+    assert "--enable-ssl-passthrough=" in args and "--http-port=8080" in args
+    assert "--https-port=8443" in args
+    assert not [a for a in args if a.startswith("--default-backend-service")]
+    assert not [d for d in addon.docs if d["metadata"]["name"] == "default-http-backend"]
+    assert "annotations" not in obj(addon, "IngressClass", "nginx")["metadata"]
+
+
+def test_ingress_host_port_mode_publishes_the_ports_on_the_node() -> None:
+    pod = controller(nginx("ingress: {network_mode: hostPort, http_port: 81}\n"))["spec"][
+        "template"]["spec"]
+    assert "hostNetwork" not in pod
+    ports = {p["name"]: p for p in pod["containers"][0]["ports"]}
+    assert (ports["http"]["containerPort"], ports["http"]["hostPort"]) == (80, 81)
+    assert (ports["https"]["containerPort"], ports["https"]["hostPort"]) == (443, 443)
+    assert "hostPort" not in ports["webhook"]
+
+
+@pytest.mark.parametrize(("extra", "path"), [
+    ("ingress: {network_mode: bridge}\n", "ingress.network_mode"),
+    ("ingress: {http_port: 70000}\n", "ingress.http_port"),
+    ("ingress: {dns_policy: Sometimes}\n", "ingress.dns_policy"),
+])
+def test_ingress_settings_that_cannot_work_are_refused(extra: str, path: str) -> None:
+    assert f"{path}: " in error(extra)

@@ -127,8 +127,8 @@ def test_plan_json_is_the_same_plan(cluster: Path) -> None:
         "certs", "etcd", "controlplane", "workers", "addons"]
     # RKE's default add-ons, applied through the API once the nodes are up
     addons = [u["node"] for g in data["groups"] if g["phase"] == "addons" for u in g["units"]]
-    assert addons == ["network-canal", "dns-coredns", "monitoring-metrics-server"]
-    assert "3 add-on(s) to apply" in text.stdout
+    assert addons == ["network-canal", "dns-coredns", "monitoring-metrics-server", "ingress-nginx"]
+    assert "4 add-on(s) to apply" in text.stdout
 
 
 def test_saved_plan_is_refused_once_stale(cluster: Path, tmp_path: Path) -> None:

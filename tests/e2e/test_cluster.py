@@ -201,7 +201,7 @@ def test_kubectl_shows_every_node_ready_with_its_roles(cluster: Cluster) -> None
 
 
 def test_the_default_addons_rolled_out(cluster: Cluster) -> None:
-    # canal (RKE's default network plugin) on every node, CoreDNS on the cluster DNS address,
+    # canal (RKE's default network plugin) on every node, CoreDNS on the cluster DNS address;
     canal = cluster.kube_json("get", "daemonset", "-n", "kube-system", "canal")
     assert canal["status"]["numberAvailable"] == 3
     assert canal["status"]["desiredNumberScheduled"] == 3
@@ -216,6 +216,18 @@ def test_the_default_addons_rolled_out(cluster: Cluster) -> None:
     assert metrics["status"]["availableReplicas"] >= 1
     api = cluster.kube_json("get", "apiservice", "v1beta1.metrics.k8s.io")
     assert api["spec"]["service"]["name"] == "metrics-server"
+    # ingress-nginx (RKE's default ingress): the controller on every worker, its certificate
+    # Jobs complete, the default backend up, `nginx` the default IngressClass
+    ingress = cluster.kube_json("get", "daemonset", "-n", "ingress-nginx",
+                                "nginx-ingress-controller")
+    assert ingress["status"]["numberAvailable"] == 3
+    for job in ("ingress-nginx-admission-create", "ingress-nginx-admission-patch"):
+        assert cluster.kube_json("get", "job", "-n", "ingress-nginx", job)["status"].get(
+            "succeeded") == 1, job
+    backend = cluster.kube_json("get", "deployment", "-n", "ingress-nginx", "default-http-backend")
+    assert backend["status"]["availableReplicas"] >= 1
+    klass = cluster.kube_json("get", "ingressclass", "nginx")
+    assert klass["metadata"]["annotations"]["ingressclass.kubernetes.io/is-default-class"] == "true"
 
 
 def test_a_copy_of_the_state_is_kept_in_kube_system_without_keys(cluster: Cluster) -> None:
