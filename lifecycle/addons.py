@@ -685,6 +685,17 @@ def _ingress(config: ClusterConfig, images: _Images) -> Addon | None:
     if dns_policy not in DNS_POLICIES:
         issues.append(_issue("ingress.dns_policy", f"`{dns_policy}` is not a pod dnsPolicy"
                              f" ({', '.join(DNS_POLICIES)})"))
+    extras = {}
+    for key in ("extra_envs", "extra_volumes", "extra_volume_mounts"):
+        items = ingress.get(key) or []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                issues.append(_issue(f"ingress.{key}[{i}]", "each item is a mapping with a"
+                                     " `name`, as in a pod spec"))
+        try:
+            extras[key] = _jsonable(list(items), f"ingress.{key}")
+        except ValueError as exc:
+            issues.append(_issue(f"ingress.{key}", str(exc)))
     if issues:
         raise _Problem(*issues)
     backend = ingress.get("default_backend") is not False  # RKE: on unless false
@@ -721,7 +732,7 @@ def _ingress(config: ClusterConfig, images: _Images) -> Addon | None:
            {"name": "POD_NAMESPACE",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
            {"name": "LD_PRELOAD", "value": "/usr/local/lib/libmimalloc.so"},
-           *(ingress.get("extra_envs") or [])]
+           *extras["extra_envs"]]
     default_class = ingress.get("default_ingress_class") is not False  # RKE: on unless false
     options = ingress.get("options") or {}
     params = {
@@ -740,9 +751,9 @@ def _ingress(config: ClusterConfig, images: _Images) -> Addon | None:
         "env": env,
         "ports": container_ports,
         "volume_mounts": [{"name": "webhook-cert", "mountPath": "/usr/local/certificates/",
-                           "readOnly": True}, *(ingress.get("extra_volume_mounts") or [])],
+                           "readOnly": True}, *extras["extra_volume_mounts"]],
         "volumes": [{"name": "webhook-cert", "secret": {"secretName": "ingress-nginx-admission"}},
-                    *(ingress.get("extra_volumes") or [])],
+                    *extras["extra_volumes"]],
         "class_annotations": ({"ingressclass.kubernetes.io/is-default-class": "true"}
                               if default_class else None),
         "backend_deployment": _default_backend(ingress, images) if backend else None,

@@ -759,3 +759,11 @@ def test_ingress_host_port_mode_publishes_the_ports_on_the_node() -> None:
 ])
 def test_ingress_settings_that_cannot_work_are_refused(extra: str, path: str) -> None:
     assert f"{path}: " in error(extra)
+
+
+@pytest.mark.parametrize("extra", ["ingress: {extra_envs: [TZ=UTC]}\n",
+                                   "ingress: {extra_volumes: [{emptyDir: {}}]}\n",
+                                   "ingress: {extra_volume_mounts: [{mountPath: /x}]}\n"])
+def test_ingress_extra_pod_items_must_be_pod_spec_items(extra: str) -> None:
+    message = error(extra)
+    assert "ingress.extra_" in message
