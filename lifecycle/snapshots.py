@@ -47,6 +47,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The etcd-rolling-snapshots container's file names (rke-tools: RFC 3339 UTC time, then _etcd).
 RECURRING_NAME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)_etcd")
 STATE_COPY_SUFFIX = ".rkel.db"
+HEALTH_TRIES, HEALTH_WAIT = 10, 3.0  # how long a save waits for a healthy member: 27 s
 APPLIED_CONFIG = "applied_config"  # store meta: the sealed cluster.yml the cluster runs
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -237,15 +238,19 @@ def locked(store: Store, command: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- save
 def pick_member(backend: Backend, desired: Desired) -> tuple[NodeDesired, ServiceSpec]:
-    """The first etcd node by name whose member is healthy (health of every member asked)."""
+    """The first etcd node by name whose member is healthy (health of every member asked; up
+    to HEALTH_TRIES times, HEALTH_WAIT seconds apart, while none is)."""
     members = _etcd_members(desired)
     if not members:
         raise SnapshotError("cluster.yml has no etcd node rkel runs etcd on (external etcd is"
                             " not snapshotted by rkel); nothing to snapshot")
-    health = backend.etcd().healthy()
-    for node, spec in members:
-        if health.get(f"etcd-{node.name}"):
-            return node, spec
+    for attempt in range(HEALTH_TRIES):  # a member just back (a healed network) needs a moment
+        health = backend.etcd().healthy()
+        for node, spec in members:
+            if health.get(f"etcd-{node.name}"):
+                return node, spec
+        if attempt + 1 < HEALTH_TRIES:
+            backend.sleep(HEALTH_WAIT)
     seen = ", ".join(f"{k} {'healthy' if v else 'unhealthy'}" for k, v in sorted(health.items()))
     raise SnapshotError(f"no etcd member of cluster.yml is healthy ({seen or 'no members'});"
                         " run `rkel status` and fix etcd (`rkel apply`), then save again")
